@@ -1,0 +1,541 @@
+"""bitsandbytes-compatible functions: ``import nf4kit.functional as F`` where code had
+``import bitsandbytes.functional as F``.
+
+Arguments are checked here, once, with errors that name the argument; the torch ops below
+(``torch.ops.nf4kit.*``) assume valid input.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import reference
+from ._ops import ops, require_ops
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCKSIZES_4BIT = reference.BLOCKSIZES_4BIT
+QUANT_TYPES = ("fp4", "nf4")
+NESTED_BLOCKSIZE = 256
+
+__all__ = [
+    "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4", "dequantize_nf4",
+    "dequantize_fp4", "quantize_blockwise", "dequantize_blockwise", "create_dynamic_map", "get_4bit_type",
+    "gemv_4bit", "matmul_4bit", "pack_dict_to_tensor", "unpack_tensor_to_dict",
+]
+
+_dynamic_maps: dict[torch.device, torch.Tensor] = {}
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 8-bit dynamic-exponent map, 256 sorted float32 values (as bitsandbytes builds it)."""
+    return reference.create_dynamic_map(signed, max_exponent_bits, total_bits)
+
+
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    if device not in _dynamic_maps:
+        _dynamic_maps[device] = create_dynamic_map(signed=True).to(device)
+    return _dynamic_maps[device]
+
+
+def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
+    """The 16 code values of ``typename`` ('nf4' or 'fp4') as float32, index order."""
+    if typename not in QUANT_TYPES:
+        raise ValueError(f"typename must be 'nf4' or 'fp4', got {typename!r}")
+    return reference.get_4bit_code(typename).to("cuda" if device is None and torch.cuda.is_available() else device or "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# QuantState and its state_dict form
+# ----------------------------------------------------------------------------------------------
+
+def pack_dict_to_tensor(source: dict[str, Any]) -> torch.Tensor:
+    """A dict of plain values as the uint8 bytes of its UTF-8 JSON (safetensors can store it)."""
+    return torch.tensor(list(json.dumps(source).encode("utf-8")), dtype=torch.uint8)
+
+
+def unpack_tensor_to_dict(tensor: torch.Tensor) -> dict[str, Any]:
+    return json.loads(bytes(tensor.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "", 1)
+
+
+class QuantState:
+    """What it takes to undo a quantization: absmax (float32, or uint8 codes when nested), the
+    original shape and dtype, the code, the blocksize and quant_type; when nested, the offset
+    and ``state2`` (the QuantState of the absmax's own 8-bit quantization)."""
+
+    valid_quant_types = QUANT_TYPES
+    valid_qs_type_keys = [f"bitsandbytes__{x}" for x in QUANT_TYPES]
+    valid_qs_keys = [
+        "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state", "quant_type",
+        "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
+    ]
+
+    def __init__(self, absmax, shape=None, code=None, blocksize=None, quant_type=None, dtype=None,
+                 offset=None, state2=None):
+        self.absmax = absmax
+        self.shape = torch.Size(shape) if shape is not None else None
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+        self.nested = state2 is not None
+
+    def __getattr__(self, name):
+        # FSDP resolves the packed key "quant_state.bitsandbytes__nf4" through getattr.
+        if name.startswith("bitsandbytes__"):
+            packed = self.as_dict(packed=True)
+            key = "quant_state." + name
+            if key in packed:
+                return packed[key]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, idx):
+        """The legacy list layout: [absmax, shape, dtype, blocksize, [offset, state2] or None, quant_type]."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device) -> "QuantState":
+        """Rebuild from the state_dict entries of one weight (prefixes allowed, e.g. 'weight.absmax')."""
+        qs_dict = dict(qs_dict)
+        packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
+        if "quant_type" not in qs_dict:
+            if not packed_keys:
+                raise ValueError("qs_dict holds neither a packed 'quant_state.bitsandbytes__*' entry nor quant_type")
+            if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in cls.valid_qs_type_keys:
+                raise ValueError(
+                    f"qs_dict must hold exactly one quant_state entry ending in one of {cls.valid_qs_type_keys}, "
+                    f"found {packed_keys}")
+        if len(packed_keys) == 1:
+            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(packed_keys[0])))
+        qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        unknown = set(qs_dict) - set(cls.valid_qs_keys)
+        if unknown:
+            raise ValueError(f"qs_dict has unexpected keys {sorted(unknown)}")
+        if qs_dict.get("quant_type") not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {qs_dict.get('quant_type')!r}")
+
+        offset = state2 = None
+        if "nested_absmax" in qs_dict:
+            offset = torch.tensor(float(qs_dict["nested_offset"]), dtype=torch.float32).to(device)
+            state2 = cls(absmax=qs_dict["nested_absmax"].to(device), blocksize=qs_dict["nested_blocksize"],
+                         code=qs_dict["nested_quant_map"].to(device),
+                         dtype=getattr(torch, qs_dict["nested_dtype"]))
+        return cls(
+            quant_type=qs_dict["quant_type"],
+            absmax=qs_dict["absmax"].to(device),
+            blocksize=qs_dict["blocksize"],
+            code=qs_dict["quant_map"].to(device),
+            dtype=getattr(torch, qs_dict["dtype"]),
+            shape=torch.Size(qs_dict["shape"]) if qs_dict["shape"] is not None else None,
+            offset=offset,
+            state2=state2,
+        )
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state_dict entries, bitsandbytes' layout; ``packed=True`` folds the plain values into
+        one uint8 tensor 'quant_state.bitsandbytes__<quant_type>' (safetensors-friendly)."""
+        qs = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            qs.update({
+                "nested_absmax": self.state2.absmax,
+                "nested_blocksize": self.state2.blocksize,
+                "nested_quant_map": self.state2.code.clone(),
+                "nested_dtype": _dtype_name(self.state2.dtype),
+                "nested_offset": self.offset.item(),
+            })
+        if not packed or self.quant_type is None:
+            return qs
+        out = {k: v for k, v in qs.items() if isinstance(v, torch.Tensor)}
+        plain = {k: v for k, v in qs.items() if not isinstance(v, torch.Tensor)}
+        out["quant_state.bitsandbytes__" + self.quant_type] = pack_dict_to_tensor(plain)
+        return out
+
+    def to(self, device):
+        """Move every tensor to ``device`` (in place, like bitsandbytes); returns self."""
+        self.code = self.code.to(device)
+        self.absmax = self.absmax.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.absmax = self.state2.absmax.to(device)
+            self.state2.code = self.state2.code.to(device)
+        return self
+
+    def __eq__(self, other):
+        if not isinstance(other, QuantState):
+            return False
+
+        def close(a, b):
+            return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(
+                a.float().cpu(), b.float().cpu(), atol=1e-6)
+
+        return (
+            close(self.absmax, other.absmax)
+            and self.shape == other.shape
+            and close(self.code, other.code)
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and (close(self.offset.reshape(()), other.offset.reshape(()))
+                 if self.offset is not None and other.offset is not None else self.offset is other.offset)
+            and (self.state2 == other.state2
+                 if self.state2 is not None and other.state2 is not None else self.state2 is other.state2)
+        )
+
+    __hash__ = None  # mutable, compared by value
+
+    def __repr__(self):
+        return (f"QuantState(quant_type={self.quant_type!r}, blocksize={self.blocksize}, shape={tuple(self.shape or ())},"
+                f" dtype={self.dtype}, nested={self.nested})")
+
+    # The arguments every 4-bit op takes to decode this state.
+    def _decode_args(self):
+        if self.nested:
+            return (self.absmax, self.state2.absmax, self.state2.code, self.offset.reshape(1).float(),
+                    self.blocksize, self.state2.blocksize, self.quant_type)
+        return (self.absmax, None, None, None, self.blocksize, NESTED_BLOCKSIZE, self.quant_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float_input(A, name: str = "A") -> None:
+    _check_tensor(A, name)
+    if A.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {A.dtype}")
+    if A.numel() == 0:
+        raise ValueError(f"{name} must not be empty (shape {tuple(A.shape)})")
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _check_finite(absmax: torch.Tensor, what: str) -> None:
+    """NaN/Inf anywhere in a block shows in its absmax (the kernels propagate NaN)."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(absmax).all()):
+        bad = int((~torch.isfinite(absmax)).nonzero()[0])
+        raise ValueError(
+            f"{what} contains NaN or Inf (first in block {bad}); quantizing it would silently corrupt the "
+            "whole block. Clean the input, or pass check_finite=False to quantize it anyway.")
+
+
+def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: Optional[torch.Tensor]) -> None:
+    if b is not None and a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put them on one device")
+
+
+def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed 4-bit bytes as a flat uint8 tensor, whatever the storage dtype."""
+    p = packed.reshape(-1)
+    if not p.is_contiguous():
+        p = p.contiguous()
+    return p if p.dtype == torch.uint8 else p.view(torch.uint8)
+
+
+def _check_state(quant_state: "QuantState", packed: torch.Tensor, name: str = "quant_state") -> None:
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"{name} must be a nf4kit QuantState, got {type(quant_state).__name__}")
+    _check_blocksize(quant_state.blocksize)
+    _check_quant_type(quant_state.quant_type)
+    if quant_state.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}.dtype must be float16, bfloat16 or float32, got {quant_state.dtype}")
+    if quant_state.shape is None:
+        raise ValueError(f"{name}.shape is missing")
+    n = math.prod(quant_state.shape)
+    need = (n + 1) // 2
+    have = packed.numel() * packed.element_size()
+    if have < need:
+        raise ValueError(
+            f"packed tensor too small for shape {tuple(quant_state.shape)}: it holds {have} bytes, "
+            f"{need} are needed")
+    nblocks = -(-n // quant_state.blocksize)
+    absmax = quant_state.absmax
+    _same_device("A (packed weights)", packed, f"{name}.absmax", absmax)
+    if absmax.numel() != nblocks:
+        raise ValueError(
+            f"{name}.absmax has {absmax.numel()} values, expected {nblocks} (one per block of "
+            f"{quant_state.blocksize} in shape {tuple(quant_state.shape)})")
+    if quant_state.nested:
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"{name}.absmax must be uint8 codes when nested, got {absmax.dtype}")
+        s2 = quant_state.state2
+        need2 = -(-nblocks // s2.blocksize)
+        if s2.absmax.numel() != need2:
+            raise ValueError(f"{name}.state2.absmax has {s2.absmax.numel()} values, expected {need2}")
+        if s2.code.numel() != 256:
+            raise ValueError(f"{name}.state2.code must hold 256 values, got {s2.code.numel()}")
+        _same_device("A (packed weights)", packed, f"{name}.state2.absmax", s2.absmax)
+        _same_device("A (packed weights)", packed, f"{name}.offset", quant_state.offset)
+    elif absmax.dtype != torch.float32:
+        raise ValueError(f"{name}.absmax must be float32, got {absmax.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit
+# ----------------------------------------------------------------------------------------------
+
+def quantize_4bit(
+    A: torch.Tensor,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    quant_storage: torch.dtype = torch.uint8,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 4-bit quantization, bitsandbytes' format byte for byte.
+
+    Returns the packed weights, shape [(numel + 1) // 2 // itemsize(quant_storage), 1], and their
+    QuantState. ``compress_statistics`` quantizes the absmax again (8-bit, blocks of 256, around
+    its mean). NaN or Inf in A raise ValueError unless ``check_finite=False``.
+    """
+    require_ops()
+    blocksize = 64 if blocksize is None else blocksize
+    _check_float_input(A)
+    _check_blocksize(blocksize)
+    _check_quant_type(quant_type)
+    if not isinstance(quant_storage, torch.dtype):
+        raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+    nbytes = (A.numel() + 1) // 2
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    if nbytes % itemsize:
+        raise ValueError(
+            f"quant_storage={quant_storage} needs the packed byte count to be a multiple of {itemsize}, "
+            f"but {A.numel()} elements pack into {nbytes} bytes; use quant_storage=torch.uint8 for this tensor")
+
+    packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    if check_finite:
+        _check_finite(_absmax, "A")
+    code = reference.get_4bit_code(quant_type).to(A.device)
+    if compress_statistics:
+        offset = _absmax.mean()
+        qabsmax, absmax2 = ops.quantize_blockwise(_absmax - offset, _dynamic_map(A.device), NESTED_BLOCKSIZE)
+        state2 = QuantState(absmax=absmax2, code=_dynamic_map(A.device).clone(), blocksize=NESTED_BLOCKSIZE,
+                            dtype=torch.float32)
+        state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                           quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                           quant_type=quant_type)
+    if quant_storage != torch.uint8:
+        packed = packed.view(quant_storage)
+    packed = packed.unsqueeze(1)
+    if out is not None:
+        packed = out.copy_(packed)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
+    return packed, state
+
+
+def quantize_fp4(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_storage=torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
+
+
+def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_storage=torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    quant_type: str = "fp4",
+) -> torch.Tensor:
+    """Undo quantize_4bit. Give the QuantState, or absmax + ``out`` (whose shape and dtype say
+    what to produce) with blocksize and quant_type. The nested absmax is decoded inside the kernel."""
+    require_ops()
+    _check_tensor(A, "A")
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
+                                 blocksize=64 if blocksize is None else blocksize, quant_type=quant_type)
+    _check_state(quant_state, A)
+    if out is not None:
+        _check_tensor(out, "out")
+        if out.dtype != quant_state.dtype or out.numel() != math.prod(quant_state.shape):
+            raise ValueError(
+                f"out must have dtype {quant_state.dtype} and {math.prod(quant_state.shape)} elements "
+                f"(the quant_state's), got {out.dtype} with {out.numel()}")
+        _same_device("A", A, "out", out)
+    absmax_, nested_absmax, nested_code, offset, bs, nbs, qt = quant_state._decode_args()
+    result = ops.dequantize_4bit(_as_bytes(A), absmax_, nested_absmax, nested_code, offset, bs, nbs, qt,
+                                 list(quant_state.shape), quant_state.dtype)
+    if out is not None:
+        result = out.copy_(result.reshape(out.shape))
+    # Weights passed transposed ([1, nbytes], as Linear4bit's weight.t()) come back transposed.
+    if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and result.dim() == 2:
+        return result.t()
+    return result
+
+
+def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=None):
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
+
+
+def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=None):
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit blockwise (dynamic map)
+# ----------------------------------------------------------------------------------------------
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 8-bit quantization against ``code`` (default: the signed dynamic map)."""
+    require_ops()
+    _check_float_input(A)
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if code is None:
+        code = _dynamic_map(A.device)
+    _check_tensor(code, "code")
+    if code.numel() != 256 or code.dtype != torch.float32:
+        raise ValueError(f"code must be 256 float32 values, got {code.numel()} of {code.dtype}")
+    code = code.to(A.device)
+    q, _absmax = ops.quantize_blockwise(A.contiguous(), code, blocksize)
+    if nested:
+        offset = _absmax.mean()
+        qabsmax, state2 = quantize_blockwise(_absmax - offset, blocksize=blocksize, nested=False)
+        state = QuantState(absmax=qabsmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype,
+                           offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=_absmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
+    if out is not None:
+        q = out.copy_(q)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
+    return q, state
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    code: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> torch.Tensor:
+    require_ops()
+    _check_tensor(A, "A")
+    if A.dtype != torch.uint8:
+        raise ValueError(f"A must be uint8, got {A.dtype}")
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        quant_state = QuantState(absmax=absmax, code=code if code is not None else _dynamic_map(A.device),
+                                 blocksize=blocksize, dtype=torch.float32)
+    absmax_ = quant_state.absmax
+    if quant_state.nested:
+        absmax_ = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    need = -(-A.numel() // quant_state.blocksize)
+    if absmax_.numel() != need:
+        raise ValueError(f"absmax has {absmax_.numel()} values, expected {need}")
+    _same_device("A", A, "absmax", absmax_)
+    result = ops.dequantize_blockwise(A.contiguous(), absmax_.float(), quant_state.code.to(A.device),
+                                      quant_state.blocksize, quant_state.dtype)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit matmul
+# ----------------------------------------------------------------------------------------------
+
+def _check_matmul(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, bias: Optional[torch.Tensor]):
+    _check_tensor(A, "A")
+    if A.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"A must be float16, bfloat16 or float32, got {A.dtype}")
+    if quant_state is None:
+        raise ValueError("quant_state is required (the weight's QuantState)")
+    _check_state(quant_state, B)
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be 2-D [out_features, in_features], got {tuple(quant_state.shape)}")
+    N, K = quant_state.shape
+    if A.dim() == 0 or A.shape[-1] != K:
+        raise ValueError(f"A's last dimension must be in_features={K} (quant_state.shape {tuple(quant_state.shape)}), "
+                         f"got A of shape {tuple(A.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"A is on {A.device} but the 4-bit weight B is on {B.device}; move A to {B.device}")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.numel() != N:
+            raise ValueError(f"bias must have out_features={N} values, got {bias.numel()}")
+        _same_device("A", A, "bias", bias)
+
+
+def matmul_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out = A @ W.t() (+ bias) with W the 4-bit weight (B is its packed tensor, in either
+    orientation, as bitsandbytes passes ``weight.t()``). Differentiable in A and bias."""
+    require_ops()
+    _check_matmul(A, B, quant_state, bias)
+    absmax, nested_absmax, nested_code, offset, bs, nbs, qt = quant_state._decode_args()
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)
+    result = ops.gemm_4bit(A, _as_bytes(B), absmax, nested_absmax, nested_code, offset, bs, nbs, qt,
+                           quant_state.shape[0], bias)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def gemv_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    transposed_A: bool = False,
+    transposed_B: bool = False,
+    state: Optional[QuantState] = None,
+) -> torch.Tensor:
+    """bitsandbytes' inference gemv: A [..., K] times the 4-bit weight of ``state``; no bias."""
+    if state is None:
+        raise ValueError("state (the weight's QuantState) is required")
+    return matmul_4bit(A, B, state, out=out)

@@ -1,0 +1,68 @@
+"""Build nf4kit._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc is found.
+
+Environment:
+  NF4KIT_CPU_ONLY=1        build the CPU kernels only, even where CUDA is available
+  TORCH_CUDA_ARCH_LIST     target archs (default "8.0;8.6;8.9;9.0"); 9.0 also gets sm_90a code
+  CUDA_HOME                the CUDA toolkit (default /usr/local/cuda when it exists)
+  MAX_JOBS                 parallel compile jobs (ninja)
+  NF4KIT_CUDA_SOURCES      development aid: comma-separated csrc/cuda file names to build (default all)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# torch guesses CUDA_HOME from `which nvcc` or /usr/local; point it at the toolkit before it looks.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda() -> bool:
+    if os.environ.get("NF4KIT_CPU_ONLY", "0") not in ("", "0"):
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+with_cuda = want_cuda()
+sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+define_macros = []
+extra = {"cxx": cxx_flags}
+
+if with_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    only = [f for f in os.environ.get("NF4KIT_CUDA_SOURCES", "").split(",") if f]
+    if only:
+        cu = [p for p in cu if os.path.basename(p) in only]
+    sources += rel(cu)
+    define_macros.append(("NF4KIT_WITH_CUDA", "1"))
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    if "9.0" in archs.replace(" ", ";").split(";") or "9.0a" in archs:
+        # Hopper-only instructions (wgmma) need the arch-specific target.
+        nvcc += ["-gencode=arch=compute_90a,code=sm_90a"]
+    extra["nvcc"] = nvcc
+    ext = CUDAExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros)
+else:
+    ext = CppExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
