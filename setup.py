@@ -32,6 +32,25 @@ def want_cuda() -> bool:
     return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
 
 
+def gencode_flags(arch_list: str) -> list:
+    """-gencode flags for TORCH_CUDA_ARCH_LIST ("8.0;8.6;9.0", "+PTX" suffixes allowed).
+
+    9.0 is built as sm_90a, the Hopper target with wgmma (its code runs on every 9.0 GPU). Giving
+    torch explicit arch flags stops it from adding its own (one device pass per arch, not two).
+    """
+    flags = []
+    for arch in arch_list.replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        sm = "90a" if num in ("90", "90a") else num
+        flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
+    return flags
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -54,9 +73,7 @@ if with_cuda:
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-    if "9.0" in archs.replace(" ", ";").split(";") or "9.0a" in archs:
-        # Hopper-only instructions (wgmma) need the arch-specific target.
-        nvcc += ["-gencode=arch=compute_90a,code=sm_90a"]
+    nvcc += gencode_flags(archs)
     extra["nvcc"] = nvcc
     ext = CUDAExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros)
 else:
