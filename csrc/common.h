@@ -14,8 +14,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define NF4KIT_HD __host__ __device__ __forceinline__
+#define NF4KIT_UNROLL _Pragma("unroll")
 #else
 #define NF4KIT_HD inline
+#define NF4KIT_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 namespace nf4kit {
@@ -51,15 +53,84 @@ inline bool valid_blocksize_4bit(int64_t b) {
   return b == 32 || b == 64 || b == 128 || b == 256 || b == 512 || b == 1024 || b == 2048 || b == 4096;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Position of y among the 15 sorted midpoints: the number of midpoints strictly below y
 // (torch.bucketize, right=False). NaN lands past every midpoint (15).
 NF4KIT_HD int bucket15(float y, const float* mids) {
   int i = 0;
-#pragma unroll
+  NF4KIT_UNROLL
   for (int k = 0; k < 15; ++k) i += !(y <= mids[k]);
   return i;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Everything quantizing and dequantizing need from one 4-bit code, built on the host and passed
+// to kernels by value (a plain struct, no host-only members).
+struct Code4Tables {
+  float code[16];     // index order, as stored in quant_map
+  float decode[16];   // what dequantize multiplies by: the code with -0.0 read as +0.0
+  float mids[15];     // float32 means of neighbouring sorted code values
+  uint8_t order[16];  // code index at each sorted position
+  uint8_t zero_code;  // code index 0.0 quantizes to (an odd count's trailing low nibble)
+};
+
+inline Code4Tables make_code4_tables(QuantType qt) {
+  static const float nf4[16] = NF4KIT_NF4_CODE;
+  static const float fp4[16] = NF4KIT_FP4_CODE;
+  static const uint8_t fp4_order[16] = NF4KIT_FP4_ORDER;
+  Code4Tables t;
+  for (int i = 0; i < 16; ++i) {
+    t.code[i] = qt == QuantType::NF4 ? nf4[i] : fp4[i];
+    t.decode[i] = t.code[i] == 0.0f ? 0.0f : t.code[i];
+    t.order[i] = qt == QuantType::NF4 ? static_cast<uint8_t>(i) : fp4_order[i];
+  }
+  for (int k = 0; k < 15; ++k) t.mids[k] = (t.code[t.order[k]] + t.code[t.order[k + 1]]) / 2.0f;
+  t.zero_code = t.order[bucket15(0.0f, t.mids)];
+  return t;
+}
+
+
+// Host-side argument checks shared by the CPU and CUDA host functions. Each message names the
+// argument, so the Python caller sees which one is wrong.
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), name, " must be float16, bfloat16 or float32, got ",
+                   t.scalar_type());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+}
+
+inline void check_numel(const at::Tensor& t, int64_t want, const char* name, const char* why) {
+  TORCH_CHECK_VALUE(t.numel() == want, name, " has ", t.numel(), " elements, expected ", want, " (", why, ")");
+}
+
+inline void check_device(const at::Tensor& t, const at::Device& want, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == want, name, " is on ", t.device(), " but must be on ", want,
+                    " with the other inputs");
+}
+
+inline void check_blocksize_4bit(int64_t blocksize) {
+  TORCH_CHECK_VALUE(valid_blocksize_4bit(blocksize),
+                    "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ", blocksize);
+}
+
+// The element count of an output shape (every dimension >= 0).
+inline int64_t shape_numel(at::IntArrayRef shape, const char* name) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, name, " must not have negative dimensions, got ", shape);
+    n *= d;
+  }
+  return n;
 }
 
 // Every op allocates its outputs here. With NF4KIT_POISON=1 (the test suite sets it) they are
