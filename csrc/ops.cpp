@@ -28,11 +28,19 @@ TORCH_LIBRARY(nf4kit, m) {
       "Tensor? bias) -> Tensor");
   // LLM.int8: row-wise absmax int8 quantization (outlier columns zeroed above threshold),
   // int8 x int8^T -> int32, and the dequantizing epilogue.
+  // int8_vectorwise_quant: A float [..., K] -> (int8 q [..., K], float32 row_stats [rows],
+  // int64 outlier columns [n], ascending; empty when threshold <= 0).
   m.def("int8_vectorwise_quant(Tensor A, float threshold) -> (Tensor, Tensor, Tensor)");
+  // int32 [..., N] = int8 A [..., K] @ int8 B [N, K]^T.
   m.def("int8_linear_matmul(Tensor A, Tensor B) -> Tensor");
+  // dtype [..., N] from the int32 product, row_stats [rows], col_stats [N] and bias [N] (any float).
   m.def(
       "int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType dtype, Tensor? bias) "
       "-> Tensor");
+  // int8_mm_dequant(int8_linear_matmul(A, B), ...) in one pass (the epilogue fused into the matmul).
+  m.def(
+      "int8_scaled_mm(Tensor A, Tensor B, Tensor row_stats, Tensor col_stats, ScalarType dtype, "
+      "Tensor? bias) -> Tensor");
 }
 
 // An importable Python module: importing nf4kit._C loads the library and runs the registrations

@@ -58,18 +58,25 @@ if LOAD_ERROR is None:
     @torch.library.register_fake("nf4kit::int8_vectorwise_quant")
     def _(A: torch.Tensor, threshold: float):
         rows = math.prod(A.shape[:-1])
-        ctx = torch.library.get_ctx()
-        ncols = ctx.new_dynamic_size()
+        # The outlier-column count depends on the data, except that threshold <= 0 finds none.
+        ncols = torch.library.get_ctx().new_dynamic_size() if threshold > 0 else 0
         return (A.new_empty(A.shape, dtype=torch.int8), A.new_empty((rows,), dtype=torch.float32),
                 A.new_empty((ncols,), dtype=torch.int64))
 
     @torch.library.register_fake("nf4kit::int8_linear_matmul")
     def _(A: torch.Tensor, B: torch.Tensor):
+        torch._check(A.dtype == torch.int8 and B.dtype == torch.int8, lambda: "A and B must be int8")
         return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32)
 
     @torch.library.register_fake("nf4kit::int8_mm_dequant")
     def _(A, row_stats, col_stats, dtype: torch.dtype, bias):
+        torch._check(A.dtype == torch.int32, lambda: "A must be int32")
         return A.new_empty(A.shape, dtype=dtype)
+
+    @torch.library.register_fake("nf4kit::int8_scaled_mm")
+    def _(A, B, row_stats, col_stats, dtype: torch.dtype, bias):
+        torch._check(A.dtype == torch.int8 and B.dtype == torch.int8, lambda: "A and B must be int8")
+        return A.new_empty((*A.shape[:-1], B.shape[0]), dtype=dtype)
 
     # gemm_4bit is differentiable in A (and bias): grad_A = grad_out @ W, W dequantized by the
     # fast dequantize kernel in the compute dtype, then one dense matmul. W gets no gradient.

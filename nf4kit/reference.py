@@ -239,37 +239,68 @@ def gemm_4bit(
     return out.to(A.dtype)
 
 
+# bitsandbytes 0.50.2 multiplies the int32 product by this float32 constant (backends/default/ops.py), not by
+# 1/127^2 = 6.2000124e-05: the CPU result is about 1.8e-5 (relative) larger. Its CUDA kernel uses 6.200012e-05.
+MM_DEQUANT_CONST = 6.200124e-05
+# int8_vectorwise_dequant multiplies by this (float32 1/127).
+INT8_DEQUANT_CONST = 7.874015718698502e-3
+
+
+def int8_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The outlier threshold as bitsandbytes compares it: rounded to A's dtype (double -> float32 -> dtype)."""
+    return float(torch.tensor(threshold, dtype=torch.float32).to(dtype))
+
+
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise int8: row_stats = max |A| per row over the non-outlier entries (float32),
-    q = round_half_even(A * (127 / row_stats)); entries with |A| >= threshold (threshold > 0) are
-    outliers: their columns are returned (int64, ascending) and zeroed in q. An all-zero row
-    quantizes to zeros."""
+    """Row-wise int8 (LLM.int8), rows = all leading dimensions of A.
+
+    With threshold > 0, entries with |A| >= threshold (the threshold rounded to A's dtype, as torch
+    compares a Python float with a half tensor) are outliers: they are left out of the row's absmax,
+    quantize to 0, and their columns are returned (int64, ascending); every entry of those columns
+    is zeroed in q. threshold <= 0 returns no columns (an empty tensor; the Python API returns None).
+
+    row_stats = max |A| per row over the non-outliers (float32; NaN propagates).
+    q = round_half_even(A * ((1 / row_stats) * 127)) in float32 steps (torch computes
+    ``127.0 / t`` as ``t.reciprocal() * 127.0``); a non-finite product (a zero row: 0 * inf; a row
+    whose absmax is below 127 / FLT_MAX, so that the scale overflows; NaN) gives 0, as bitsandbytes'
+    float -> int8 conversion does on x86.
+    """
     x = A.reshape(-1, A.shape[-1]).float()
     if threshold > 0:
-        outliers = x.abs() >= threshold
+        outliers = x.abs() >= int8_threshold(threshold, A.dtype)
         cols = torch.nonzero(outliers.any(dim=0)).reshape(-1)
         x = torch.where(outliers, torch.zeros_like(x), x)
     else:
         cols = torch.empty(0, dtype=torch.int64, device=A.device)
     row_stats = x.abs().amax(dim=1)
-    q = torch.round(x * (127.0 / row_stats[:, None]))
-    q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    scale = row_stats.reciprocal() * 127.0
+    q = torch.round(x * scale[:, None])
+    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q)).to(torch.int8)
     if cols.numel():
         q[:, cols] = 0
     return q.reshape(A.shape), row_stats, cols
 
 
 def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """int32 [..., N] = int8 A [..., K] @ int8 B [N, K]^T, exact."""
+    """int32 [..., N] = int8 A [..., K] @ int8 B [N, K]^T, exact (wrapping modulo 2^32 like int32 sums)."""
     return (A.reshape(-1, A.shape[-1]).long() @ B.long().t()).to(torch.int32).reshape(*A.shape[:-1], B.shape[0])
 
 
 def int8_mm_dequant(
     A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, dtype: torch.dtype, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """out = dtype(A * row_stats[:, None] * col_stats[None, :] / 127^2 (+ bias)), in float32."""
+    """out = dtype((float(A) * (row_stats[:, None] * col_stats[None, :])) * MM_DEQUANT_CONST (+ float(bias))),
+    every step a float32 operation rounded to nearest (never fused), as bitsandbytes' CPU op."""
     out = A.reshape(-1, A.shape[-1]).float() * (row_stats.reshape(-1, 1).float() * col_stats.reshape(1, -1).float())
-    out = out * (1.0 / (127.0 * 127.0))
+    out = out * torch.tensor(MM_DEQUANT_CONST, dtype=torch.float32)
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.reshape(1, -1).float()
     return out.to(dtype).reshape(A.shape)
+
+
+def int8_scaled_mm(
+    A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, dtype: torch.dtype,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias), fused."""
+    return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, dtype, bias)

@@ -1,0 +1,92 @@
+// Host-side rules of the LLM.int8 ops, shared by csrc/cpu/int8.cpp and csrc/cuda/int8.cu: argument
+// checks, output shapes, the threshold rounding, the dequantization constant and the outlier-column
+// finish. The numbers are those of nf4kit/reference.py (bitsandbytes 0.50.2 on the CPU).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace nf4kit {
+namespace int8 {
+
+// bitsandbytes' CPU int8_mm_dequant multiplies by this float32 constant (not 1/127^2 = 6.2000124e-05).
+constexpr float kMMDequantConst = 6.200124e-05f;
+
+// The threshold as bitsandbytes compares it with |A|: the Python float rounded to float32, then to
+// A's dtype (torch casts the scalar of `A.abs() >= threshold` to A's dtype).
+inline float rounded_threshold(double threshold, at::ScalarType dtype) {
+  const float t = static_cast<float>(threshold);
+  switch (dtype) {
+    case at::kHalf: return static_cast<float>(at::Half(t));
+    case at::kBFloat16: return static_cast<float>(at::BFloat16(t));
+    default: return t;
+  }
+}
+
+// Rows of a [..., K] tensor: the product of its leading dimensions.
+inline int64_t rows_of(const at::Tensor& A) {
+  int64_t r = 1;
+  for (int64_t d = 0; d + 1 < A.dim(); ++d) r *= A.size(d);
+  return r;
+}
+
+// [..., N]: A's leading dimensions and N.
+inline std::vector<int64_t> out_shape(const at::Tensor& A, int64_t N) {
+  std::vector<int64_t> s(A.sizes().begin(), A.sizes().end());
+  s.back() = N;
+  return s;
+}
+
+inline void check_quant_args(const at::Tensor& A) {
+  check_float_input(A, "A");
+  TORCH_CHECK_VALUE(A.dim() >= 1, "A must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(A.size(-1) > 0, "A's last dimension must not be 0, got shape ", A.sizes());
+}
+
+// int8 A [..., K] and int8 B [N, K] on one device.
+inline void check_matmul_args(const at::Tensor& A, const at::Tensor& B) {
+  check_dtype(A, at::kChar, "A");
+  check_dtype(B, at::kChar, "B");
+  TORCH_CHECK_VALUE(A.dim() >= 1, "A must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(B.dim() == 2, "B must be 2-D [N, K], got shape ", B.sizes());
+  TORCH_CHECK_VALUE(A.size(-1) == B.size(1), "A's last dimension (", A.size(-1), ") must equal B's K (",
+                    B.size(1), "): A ", A.sizes(), ", B ", B.sizes());
+  check_device(B, A.device(), "B");
+}
+
+// The dequantizing epilogue's arguments for a product with `rows` rows and N columns.
+inline void check_dequant_args(const at::Tensor& row_stats, const at::Tensor& col_stats,
+                               const c10::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t rows,
+                               int64_t N, const at::Device& device) {
+  check_dtype(row_stats, at::kFloat, "row_stats");
+  check_dtype(col_stats, at::kFloat, "col_stats");
+  check_numel(row_stats, rows, "row_stats", "one per row of A");
+  check_numel(col_stats, N, "col_stats", "one per output column");
+  check_device(row_stats, device, "row_stats");
+  check_device(col_stats, device, "col_stats");
+  TORCH_CHECK_TYPE(is_float_dtype(dtype), "dtype must be float16, bfloat16 or float32, got ", dtype);
+  if (bias.has_value()) {
+    check_float_input(*bias, "bias");
+    check_numel(*bias, N, "bias", "one per output column");
+    check_device(*bias, device, "bias");
+  }
+}
+
+// Bias as contiguous float32 (exact for every float dtype), or an undefined tensor.
+inline at::Tensor bias_f32(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->reshape(-1).to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// After the row kernel: the columns whose flag is set (int64, ascending), zeroed in every row of q
+// (bitsandbytes: `out_row[:, outlier_cols] = 0`; the kernel already zeroed the outliers themselves).
+inline at::Tensor finish_outlier_columns(at::Tensor& q2d, const at::Tensor& flags) {
+  at::Tensor cols = at::nonzero(flags).reshape(-1);
+  if (cols.numel() > 0 && q2d.size(0) > 1) q2d.index_fill_(1, cols, 0);
+  return cols;
+}
+
+}  // namespace int8
+}  // namespace nf4kit
