@@ -41,9 +41,12 @@ def make_input(shape, dtype, device="cpu", seed: int = 0) -> torch.Tensor:
     return x.to(dtype).reshape(shape).to(device)
 
 
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal dtype, shape and bits; NaNs compare equal to NaNs (their payload may differ)."""
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "", zeros_equal: bool = False) -> None:
+    """Equal dtype, shape and bits; NaNs compare equal to NaNs (their payload may differ), and with
+    ``zeros_equal`` -0.0 to +0.0."""
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    if zeros_equal:
+        actual, expected = actual + 0.0, expected + 0.0  # -0.0 + 0.0 = +0.0; every other value unchanged
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if actual.dtype.is_floating_point:
