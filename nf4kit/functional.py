@@ -44,7 +44,9 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
     """The 16 code values of ``typename`` ('nf4' or 'fp4') as float32, index order."""
     if typename not in QUANT_TYPES:
         raise ValueError(f"typename must be 'nf4' or 'fp4', got {typename!r}")
-    return reference.get_4bit_code(typename).to("cuda" if device is None and torch.cuda.is_available() else device or "cpu")
+    # The decode table: bitsandbytes' FP4 list writes index 8 as the int -0, so it holds +0.0.
+    return reference.decode_table_4bit(typename).to(
+        "cuda" if device is None and torch.cuda.is_available() else device or "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def quantize_4bit(
     packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
     if check_finite:
         _check_finite(_absmax, "A")
-    code = reference.get_4bit_code(quant_type).to(A.device)
+    code = reference.decode_table_4bit(quant_type).to(A.device)  # bnb's quant_map: FP4 index 8 is +0.0
     if compress_statistics:
         offset = _absmax.mean()
         qabsmax, absmax2 = ops.quantize_blockwise(_absmax - offset, _dynamic_map(A.device), NESTED_BLOCKSIZE)
