@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -231,7 +232,8 @@ def _check_float_input(A, name: str = "A") -> None:
 
 
 def _check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES_4BIT:
+    # An int (or numpy integer), not 64.0 or True: the ops take an int.
+    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES_4BIT:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
 
 
@@ -278,8 +280,8 @@ def _check_state(quant_state: "QuantState", packed: torch.Tensor, name: str = "q
     have = packed.numel() * packed.element_size()
     if have < need:
         raise ValueError(
-            f"packed tensor too small for shape {tuple(quant_state.shape)}: it holds {have} bytes, "
-            f"{need} are needed")
+            f"A (the packed weights) is too small for {name}.shape {tuple(quant_state.shape)}: it holds "
+            f"{have} bytes, {need} are needed")
     nblocks = -(-n // quant_state.blocksize)
     absmax = quant_state.absmax
     _same_device("A (packed weights)", packed, f"{name}.absmax", absmax)
@@ -326,6 +328,7 @@ def quantize_4bit(
     blocksize = 64 if blocksize is None else blocksize
     _check_float_input(A)
     _check_blocksize(blocksize)
+    blocksize = int(blocksize)
     _check_quant_type(quant_type)
     if not isinstance(quant_storage, torch.dtype):
         raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
