@@ -82,7 +82,9 @@ inline at::Tensor bias_f32(const c10::optional<at::Tensor>& bias) {
 
 // After the row kernel: the columns whose flag is set (int64, ascending), zeroed in every row of q
 // (bitsandbytes: `out_row[:, outlier_cols] = 0`; the kernel already zeroed the outliers themselves).
+// Without a threshold (no flags) nothing is looked at, so the CUDA path stays free of host syncs.
 inline at::Tensor finish_outlier_columns(at::Tensor& q2d, const at::Tensor& flags) {
+  if (flags.numel() == 0) return at::empty({0}, flags.options().dtype(at::kLong));
   at::Tensor cols = at::nonzero(flags).reshape(-1);
   if (cols.numel() > 0 && q2d.size(0) > 1) q2d.index_fill_(1, cols, 0);
   return cols;
