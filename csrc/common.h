@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include <cmath>
 
@@ -131,6 +132,68 @@ inline int64_t shape_numel(at::IntArrayRef shape, const char* name) {
     n *= d;
   }
   return n;
+}
+
+// A packed 4-bit tensor of n elements and its absmax (float32, or nested: uint8 codes decoded with
+// nested_absmax, nested_code and offset), checked and made contiguous: what dequantize_4bit and
+// gemm_4bit read, with the same rules and messages on every backend. `what` names the tensor in
+// messages, e.g. "shape [3, 70]".
+struct Packed4bit {
+  at::Tensor packed;                              // flat uint8 bytes, at least (n + 1) / 2
+  at::Tensor absmax;                              // float32 [nblocks], or uint8 codes when nested
+  at::Tensor nested_absmax, nested_code, offset;  // float32, defined when nested
+  bool nested = false;
+  QuantType qt = QuantType::NF4;
+  int64_t n = 0, nblocks = 0, blocksize = 64, nested_blocksize = 256;
+};
+
+inline Packed4bit check_packed_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const c10::optional<at::Tensor>& nested_absmax,
+                                    const c10::optional<at::Tensor>& nested_code,
+                                    const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                    int64_t nested_blocksize, c10::string_view quant_type, int64_t n,
+                                    const std::string& what) {
+  Packed4bit w;
+  check_blocksize_4bit(blocksize);
+  w.qt = parse_quant_type(std::string(quant_type));
+  w.n = n;
+  w.blocksize = blocksize;
+  w.nested_blocksize = nested_blocksize;
+  w.nblocks = ceil_div(n, blocksize);
+  const at::Device dev = packed.device();
+  const int64_t nbytes = packed.numel() * packed.element_size();
+  TORCH_CHECK_VALUE(nbytes >= (n + 1) / 2, "packed holds ", nbytes, " bytes, too few for ", what, " (",
+                    (n + 1) / 2, " needed)");
+  const at::Tensor p = packed.contiguous().reshape({-1});
+  w.packed = p.scalar_type() == at::kByte ? p : p.view(at::kByte);
+  check_device(absmax, dev, "absmax");
+  check_numel(absmax, w.nblocks, "absmax", ("one per block of blocksize in " + what).c_str());
+  w.absmax = absmax.contiguous();
+  if (w.absmax.scalar_type() == at::kByte) {
+    TORCH_CHECK_VALUE(nested_absmax.has_value() && nested_code.has_value() && offset.has_value(),
+                      "absmax is uint8 (nested) so nested_absmax, nested_code and offset are required");
+    TORCH_CHECK_VALUE(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
+    const std::pair<const at::Tensor*, const char*> parts[] = {
+        {&*nested_absmax, "nested_absmax"}, {&*nested_code, "nested_code"}, {&*offset, "offset"}};
+    for (const auto& part : parts) {
+      check_dtype(*part.first, at::kFloat, part.second);
+      check_device(*part.first, dev, part.second);
+    }
+    check_numel(*nested_absmax, ceil_div(w.nblocks, nested_blocksize), "nested_absmax",
+                "one per nested_blocksize absmax codes");
+    check_numel(*nested_code, 256, "nested_code", "the 8-bit code");
+    check_numel(*offset, 1, "offset", "a scalar");
+    w.nested = true;
+    w.nested_absmax = nested_absmax->contiguous();
+    w.nested_code = nested_code->contiguous();
+    w.offset = offset->contiguous();
+  } else {
+    TORCH_CHECK_TYPE(w.absmax.scalar_type() == at::kFloat,
+                     "absmax must be float32, or uint8 codes with nested_absmax, got ", w.absmax.scalar_type());
+    TORCH_CHECK_VALUE(!nested_absmax.has_value() && !nested_code.has_value() && !offset.has_value(),
+                      "nested_absmax, nested_code and offset are only for uint8 (nested) absmax; absmax is float32");
+  }
+  return w;
 }
 
 // Every op allocates its outputs here. With NF4KIT_POISON=1 (the test suite sets it) they are

@@ -111,64 +111,30 @@ void dequantize_4bit_cpu_kernel(const uint8_t* packed, const AbsmaxSource& absma
   });
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_, const at::Tensor& absmax_,
-                               const c10::optional<at::Tensor>& nested_absmax_,
-                               const c10::optional<at::Tensor>& nested_code_,
-                               const c10::optional<at::Tensor>& offset_, int64_t blocksize,
-                               int64_t nested_blocksize, c10::string_view quant_type, at::IntArrayRef shape,
-                               at::ScalarType dtype) {
-  check_blocksize_4bit(blocksize);
-  const QuantType qt = parse_quant_type(std::string(quant_type));
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                               const c10::optional<at::Tensor>& nested_absmax,
+                               const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
+                               int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
+                               at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK_TYPE(is_float_dtype(dtype), "dtype must be float16, bfloat16 or float32, got ", dtype);
   const int64_t n = shape_numel(shape, "shape");
-  const int64_t nblocks = ceil_div(n, blocksize);
-  const at::Device dev = packed_.device();
-  check_device(absmax_, dev, "absmax");
-  const at::Tensor packed = packed_.contiguous();
-  TORCH_CHECK_VALUE(packed.numel() * packed.element_size() >= (n + 1) / 2, "packed holds ",
-                    packed.numel() * packed.element_size(), " bytes, too few for shape ", shape, " (",
-                    (n + 1) / 2, " needed)");
-  check_numel(absmax_, nblocks, "absmax", "one per block of blocksize in shape");
-  const at::Tensor absmax = absmax_.contiguous();
-
+  const Packed4bit w = check_packed_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                         nested_blocksize, quant_type, n, c10::str("shape ", shape));
   AbsmaxSource src;
-  at::Tensor nested_absmax, nested_code;
-  if (absmax.scalar_type() == at::kByte) {
-    TORCH_CHECK_VALUE(nested_absmax_.has_value() && nested_code_.has_value() && offset_.has_value(),
-                      "absmax is uint8 (nested) so nested_absmax, nested_code and offset are required");
-    TORCH_CHECK_VALUE(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
-    check_dtype(*nested_absmax_, at::kFloat, "nested_absmax");
-    check_dtype(*nested_code_, at::kFloat, "nested_code");
-    check_dtype(*offset_, at::kFloat, "offset");
-    check_device(*nested_absmax_, dev, "nested_absmax");
-    check_device(*nested_code_, dev, "nested_code");
-    check_device(*offset_, dev, "offset");
-    check_numel(*nested_absmax_, ceil_div(nblocks, nested_blocksize), "nested_absmax",
-                "one per nested_blocksize absmax codes");
-    check_numel(*nested_code_, 256, "nested_code", "the 8-bit code");
-    check_numel(*offset_, 1, "offset", "a scalar");
-    nested_absmax = nested_absmax_->contiguous();
-    nested_code = nested_code_->contiguous();
-    src.absmax_q = absmax.data_ptr<uint8_t>();
-    src.nested_absmax = nested_absmax.data_ptr<float>();
-    src.nested_code = nested_code.data_ptr<float>();
-    src.offset = offset_->item<float>();
+  if (w.nested) {
+    src.absmax_q = w.absmax.data_ptr<uint8_t>();
+    src.nested_absmax = w.nested_absmax.data_ptr<float>();
+    src.nested_code = w.nested_code.data_ptr<float>();
+    src.offset = w.offset.item<float>();
     src.nested_blocksize = nested_blocksize;
   } else {
-    TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat,
-                     "absmax must be float32, or uint8 codes with nested_absmax, got ", absmax.scalar_type());
-    TORCH_CHECK_VALUE(!nested_absmax_.has_value() && !nested_code_.has_value() && !offset_.has_value(),
-                      "nested_absmax, nested_code and offset are only for uint8 (nested) absmax; absmax is "
-                      "float32");
-    src.absmax = absmax.data_ptr<float>();
+    src.absmax = w.absmax.data_ptr<float>();
   }
-
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
   if (n == 0) return out;
-  const Code4Tables t = make_code4_tables(qt);
-  const auto* bytes = static_cast<const uint8_t*>(packed.data_ptr());
+  const Code4Tables t = make_code4_tables(w.qt);
   NF4KIT_DISPATCH_FLOAT(dtype, "dequantize_4bit_cpu", [&] {
-    dequantize_4bit_cpu_kernel<scalar_t>(bytes, src, n, blocksize, t, out.data_ptr<scalar_t>());
+    dequantize_4bit_cpu_kernel<scalar_t>(w.packed.data_ptr<uint8_t>(), src, n, blocksize, t, out.data_ptr<scalar_t>());
   });
   return out;
 }
