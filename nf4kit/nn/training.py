@@ -38,11 +38,13 @@ def prepare_model_for_kbit_training(
 ) -> nn.Module:
     """Get a quantized model ready for (Q)LoRA training; returns the model (changed in place).
 
-    ``gradient_checkpointing_kwargs`` goes to transformers' ``gradient_checkpointing_enable``
-    (e.g. ``{"use_reentrant": False}``). Models without that method train without checkpointing
+    ``gradient_checkpointing_kwargs`` goes to transformers' ``activation_checkpointing_enable``
+    (formerly ``gradient_checkpointing_enable``), e.g. ``{"use_reentrant": False}``; the default is
+    reentrant checkpointing, as peft's. Models without that method train without checkpointing
     (a warning says so).
     """
     kwargs = dict(gradient_checkpointing_kwargs or {})
+    kwargs.setdefault("use_reentrant", True)  # peft's (and torch's historical) default, said explicitly
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.parameters():
@@ -51,18 +53,21 @@ def prepare_model_for_kbit_training(
     if not use_gradient_checkpointing:
         return model
     # Reentrant checkpointing needs an input that requires grad, or no gradient reaches the adapters.
-    if kwargs.get("use_reentrant", True):
+    if kwargs["use_reentrant"]:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         elif hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
             model.get_input_embeddings().register_forward_hook(_make_inputs_require_grad)
-    if hasattr(model, "gradient_checkpointing_enable"):
-        params = inspect.signature(model.gradient_checkpointing_enable).parameters
-        if "gradient_checkpointing_kwargs" in params:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable()
-    else:
-        warnings.warn(f"{type(model).__name__} has no gradient_checkpointing_enable(); training without "
+    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    name = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, name = getattr(model, "gradient_checkpointing_enable", None), "gradient_checkpointing_kwargs"
+    if enable is None:
+        warnings.warn(f"{type(model).__name__} has no activation_checkpointing_enable(); training without "
                       "gradient checkpointing", stacklevel=2)
+    elif name in inspect.signature(enable).parameters:
+        enable(**{name: kwargs})
+    else:
+        enable()
     return model
