@@ -63,6 +63,33 @@ NF4KIT_HD int bucket15(float y, const float* mids) {
   return i;
 }
 
+// The 8-bit quantizer snaps a scaled value to grid point i of 65536 over [-1, 1],
+// g_i = i / 65535 * 2 - 1 (float32 steps), and reads the index of the code value nearest to g_i:
+// the lower bound in the sorted 256-value code, then its right neighbour only when strictly
+// closer (nf4kit/reference.py, _lut_8bit). Both backends build their 65536-entry table with this.
+NF4KIT_HD uint8_t nearest_code_index(int i, const float* code) {
+#ifdef __CUDA_ARCH__
+  const float g = __fsub_rn(__fmul_rn(__fdiv_rn(static_cast<float>(i), 65535.0f), 2.0f), 1.0f);
+#else
+  const float g = static_cast<float>(i) / 65535.0f * 2.0f - 1.0f;
+#endif
+  int lo = 0, len = 256;  // std::lower_bound
+  while (len > 0) {
+    const int half = len / 2;
+    if (code[lo + half] < g) {
+      lo += half + 1;
+      len -= half + 1;
+    } else {
+      len = half;
+    }
+  }
+  if (lo == 0) return 0;
+  if (lo == 256) return 255;
+  const float dist_left = fabsf(g - code[lo - 1]);
+  const float dist_right = fabsf(code[lo] - g);
+  return static_cast<uint8_t>(dist_right < dist_left ? lo : lo - 1);
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Everything quantizing and dequantizing need from one 4-bit code, built on the host and passed

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -22,25 +21,9 @@ constexpr int kGridPoints = 65536;
 using Code8 = std::array<float, 256>;
 using Lut8 = std::array<uint8_t, kGridPoints>;
 
-// For each grid point g_i = i / 65535 * 2 - 1 (float32 steps), the index of the nearest code
-// value: the lower bound in the sorted code, then its right neighbour only when strictly closer.
 std::unique_ptr<Lut8> build_lut(const Code8& code) {
   auto lut = std::make_unique<Lut8>();
-  for (int i = 0; i < kGridPoints; ++i) {
-    const float g = static_cast<float>(i) / 65535.0f * 2.0f - 1.0f;
-    const int right = static_cast<int>(std::lower_bound(code.begin(), code.end(), g) - code.begin());
-    int idx;
-    if (right == 0) {
-      idx = 0;
-    } else if (right == 256) {
-      idx = 255;
-    } else {
-      const float dist_left = std::fabs(g - code[right - 1]);
-      const float dist_right = std::fabs(code[right] - g);
-      idx = dist_right < dist_left ? right : right - 1;
-    }
-    (*lut)[i] = static_cast<uint8_t>(idx);
-  }
+  for (int i = 0; i < kGridPoints; ++i) (*lut)[i] = nearest_code_index(i, code.data());
   return lut;
 }
 
