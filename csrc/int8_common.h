@@ -80,6 +80,35 @@ inline at::Tensor bias_f32(const c10::optional<at::Tensor>& bias) {
   return bias.has_value() ? bias->reshape(-1).to(at::kFloat).contiguous() : at::Tensor();
 }
 
+// The checked operands of the dequantizing epilogue of an M x N product: float32 statistics and
+// bias (undefined when absent), contiguous.
+struct Epilogue {
+  at::Tensor row_stats, col_stats, bias;
+  int64_t M, N;
+};
+
+inline Epilogue epilogue(int64_t M, int64_t N, const at::Tensor& row_stats, const at::Tensor& col_stats,
+                         const c10::optional<at::Tensor>& bias, at::ScalarType dtype, const at::Device& device) {
+  check_dequant_args(row_stats, col_stats, bias, dtype, M, N, device);
+  return {row_stats.contiguous(), col_stats.contiguous(), bias_f32(bias), M, N};
+}
+
+// int8_mm_dequant: int32 A [..., N].
+inline Epilogue check_mm_dequant(const at::Tensor& A, const at::Tensor& row_stats, const at::Tensor& col_stats,
+                                 at::ScalarType dtype, const c10::optional<at::Tensor>& bias) {
+  check_dtype(A, at::kInt, "A");
+  TORCH_CHECK_VALUE(A.dim() >= 1, "A must have at least one dimension, got a scalar");
+  return epilogue(rows_of(A), A.size(-1), row_stats, col_stats, bias, dtype, A.device());
+}
+
+// int8_scaled_mm: int8 A [..., K], int8 B [N, K].
+inline Epilogue check_scaled_mm(const at::Tensor& A, const at::Tensor& B, const at::Tensor& row_stats,
+                                const at::Tensor& col_stats, at::ScalarType dtype,
+                                const c10::optional<at::Tensor>& bias) {
+  check_matmul_args(A, B);
+  return epilogue(rows_of(A), B.size(0), row_stats, col_stats, bias, dtype, A.device());
+}
+
 // After the row kernel: the columns whose flag is set (int64, ascending), zeroed in every row of q
 // (bitsandbytes: `out_row[:, outlier_cols] = 0`; the kernel already zeroed the outliers themselves).
 // Without a threshold (no flags) nothing is looked at, so the CUDA path stays free of host syncs.

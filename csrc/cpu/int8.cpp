@@ -131,16 +131,18 @@ at::Tensor int8_linear_matmul_cpu(const at::Tensor& A_, const at::Tensor& B_) {
   return out;
 }
 
-at::Tensor int8_mm_dequant_cpu(const at::Tensor& A_, const at::Tensor& row_stats_, const at::Tensor& col_stats_,
+Dequant make_dequant(const int8::Epilogue& e) {
+  return Dequant{e.row_stats.data_ptr<float>(), e.col_stats.data_ptr<float>(),
+                 e.bias.defined() ? e.bias.data_ptr<float>() : nullptr};
+}
+
+at::Tensor int8_mm_dequant_cpu(const at::Tensor& A_, const at::Tensor& row_stats, const at::Tensor& col_stats,
                                at::ScalarType dtype, const c10::optional<at::Tensor>& bias) {
-  check_dtype(A_, at::kInt, "A");
-  TORCH_CHECK_VALUE(A_.dim() >= 1, "A must have at least one dimension, got a scalar");
-  const int64_t N = A_.size(-1), M = int8::rows_of(A_);
-  int8::check_dequant_args(row_stats_, col_stats_, bias, dtype, M, N, A_.device());
-  const at::Tensor A = A_.contiguous(), rs = row_stats_.contiguous(), cs = col_stats_.contiguous();
-  const at::Tensor b = int8::bias_f32(bias);
+  const int8::Epilogue e = int8::check_mm_dequant(A_, row_stats, col_stats, dtype, bias);
+  const int64_t M = e.M, N = e.N;
+  const at::Tensor A = A_.contiguous();
   at::Tensor out = new_output(A.sizes(), A.options().dtype(dtype));
-  const Dequant epi{rs.data_ptr<float>(), cs.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
+  const Dequant epi = make_dequant(e);
   const int32_t* a = A.data_ptr<int32_t>();
   NF4KIT_DISPATCH_FLOAT(dtype, "int8_mm_dequant_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -152,19 +154,17 @@ at::Tensor int8_mm_dequant_cpu(const at::Tensor& A_, const at::Tensor& row_stats
   return out;
 }
 
-at::Tensor int8_scaled_mm_cpu(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& row_stats_,
-                              const at::Tensor& col_stats_, at::ScalarType dtype,
+at::Tensor int8_scaled_mm_cpu(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& row_stats,
+                              const at::Tensor& col_stats, at::ScalarType dtype,
                               const c10::optional<at::Tensor>& bias) {
-  int8::check_matmul_args(A_, B_);
-  const int64_t K = A_.size(-1), M = int8::rows_of(A_), N = B_.size(0);
-  int8::check_dequant_args(row_stats_, col_stats_, bias, dtype, M, N, A_.device());
-  const at::Tensor A = A_.contiguous(), B = B_.contiguous(), rs = row_stats_.contiguous(), cs = col_stats_.contiguous();
-  const at::Tensor b = int8::bias_f32(bias);
+  const int8::Epilogue e = int8::check_scaled_mm(A_, B_, row_stats, col_stats, dtype, bias);
+  const int64_t M = e.M, N = e.N;
+  const at::Tensor A = A_.contiguous(), B = B_.contiguous();
   at::Tensor out = new_output(int8::out_shape(A, N), A.options().dtype(dtype));
-  const Dequant epi{rs.data_ptr<float>(), cs.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
+  const Dequant epi = make_dequant(e);
   NF4KIT_DISPATCH_FLOAT(dtype, "int8_scaled_mm_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    int8_gemm(A.data_ptr<int8_t>(), B.data_ptr<int8_t>(), M, N, K,
+    int8_gemm(A.data_ptr<int8_t>(), B.data_ptr<int8_t>(), M, N, A.size(-1),
               [&](int64_t m, int64_t n, int32_t v) { o[m * N + n] = static_cast<scalar_t>(epi(v, m, n)); });
   });
   return out;

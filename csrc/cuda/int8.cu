@@ -465,36 +465,29 @@ at::Tensor int8_linear_matmul_cuda(const at::Tensor& A, const at::Tensor& B) {
   return out;
 }
 
-Dequant make_dequant(const at::Tensor& rs, const at::Tensor& cs, const at::Tensor& bias, at::Tensor& out, int64_t N) {
-  return Dequant{rs.data_ptr<float>(), cs.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
-                 out.data_ptr(), out_kind(out.scalar_type()), N};
+Dequant make_dequant(const int8::Epilogue& e, at::Tensor& out) {
+  return Dequant{e.row_stats.data_ptr<float>(), e.col_stats.data_ptr<float>(),
+                 e.bias.defined() ? e.bias.data_ptr<float>() : nullptr, out.data_ptr(), out_kind(out.scalar_type()), e.N};
 }
 
 at::Tensor int8_scaled_mm_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& row_stats,
                                const at::Tensor& col_stats, at::ScalarType dtype,
                                const c10::optional<at::Tensor>& bias) {
-  int8::check_matmul_args(A, B);
-  const int64_t M = int8::rows_of(A), N = B.size(0);
-  int8::check_dequant_args(row_stats, col_stats, bias, dtype, M, N, A.device());
+  const int8::Epilogue e = int8::check_scaled_mm(A, B, row_stats, col_stats, dtype, bias);
   const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor rs = row_stats.contiguous(), cs = col_stats.contiguous(), b = int8::bias_f32(bias);
-  at::Tensor out = new_output(int8::out_shape(A, N), A.options().dtype(dtype));
-  const Dequant dq = make_dequant(rs, cs, b, out, N);
+  at::Tensor out = new_output(int8::out_shape(A, e.N), A.options().dtype(dtype));
+  const Dequant dq = make_dequant(e, out);
   int8_gemm(A, B, nullptr, &dq);
   return out;
 }
 
 at::Tensor int8_mm_dequant_cuda(const at::Tensor& A_, const at::Tensor& row_stats, const at::Tensor& col_stats,
                                 at::ScalarType dtype, const c10::optional<at::Tensor>& bias) {
-  check_dtype(A_, at::kInt, "A");
-  TORCH_CHECK_VALUE(A_.dim() >= 1, "A must have at least one dimension, got a scalar");
-  const int64_t N = A_.size(-1), M = int8::rows_of(A_);
-  int8::check_dequant_args(row_stats, col_stats, bias, dtype, M, N, A_.device());
+  const int8::Epilogue e = int8::check_mm_dequant(A_, row_stats, col_stats, dtype, bias);
   const c10::cuda::CUDAGuard guard(A_.device());
-  const at::Tensor A = A_.contiguous(), rs = row_stats.contiguous(), cs = col_stats.contiguous();
-  const at::Tensor b = int8::bias_f32(bias);
+  const at::Tensor A = A_.contiguous();
   at::Tensor out = new_output(A.sizes(), A.options().dtype(dtype));
-  launch_mm_dequant(A.data_ptr<int32_t>(), M, N, make_dequant(rs, cs, b, out, N), c10::cuda::getCurrentCUDAStream().stream());
+  launch_mm_dequant(A.data_ptr<int32_t>(), e.M, e.N, make_dequant(e, out), c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 
