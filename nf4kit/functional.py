@@ -544,3 +544,165 @@ def gemv_4bit(
     if state is None:
         raise ValueError("state (the weight's QuantState) is required")
     return matmul_4bit(A, B, state, out=out)
+
+
+# ----------------------------------------------------------------------------------------------
+# LLM.int8 (row-wise 8-bit, outlier columns): bitsandbytes' int8_* functions
+# ----------------------------------------------------------------------------------------------
+
+# int8_vectorwise_dequant multiplies by this float32 1/127, as bitsandbytes does.
+INT8_DEQUANT_CONST = reference.INT8_DEQUANT_CONST
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if not threshold >= 0.0:
+        raise ValueError(f"threshold must be >= 0 (0 disables outlier detection), got {threshold}")
+    return threshold
+
+
+def _check_int8_operand(t, name: str, dtype: torch.dtype = torch.int8) -> None:
+    _check_tensor(t, name)
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() == 0 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty tensor with at least one dimension, got shape {tuple(t.shape)}")
+
+
+def _check_stats(stats, name: str, count: int, what: str, device: torch.device) -> None:
+    _check_tensor(stats, name)
+    if stats.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {stats.dtype}")
+    if stats.numel() != count:
+        raise ValueError(f"{name} has {stats.numel()} values, expected {count} ({what})")
+    if stats.device != device:
+        raise ValueError(f"{name} is on {stats.device} but A is on {device}; put them on one device")
+
+
+def _check_bias(bias, count: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    _check_tensor(bias, "bias")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"bias must be float16, bfloat16 or float32, got {bias.dtype}")
+    if bias.numel() != count:
+        raise ValueError(f"bias must have {count} values (one per output column), got {bias.numel()}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but A is on {device}; put them on one device")
+
+
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
+    """LLM.int8 row-wise quantization of A [..., K] (rows = the leading dimensions).
+
+    Returns (int8 codes, shape of A; float32 row_stats [rows], the absmax of each row; outlier
+    columns). With threshold > 0, entries with |A| >= threshold (compared in A's dtype) are left
+    out of the absmax and their columns are zeroed in every row; their int64 indices are returned
+    (an empty tensor when there are none). threshold == 0 returns None for the columns.
+    bitsandbytes only takes float16 on CUDA; here float16, bfloat16 and float32 all work.
+    """
+    require_ops()
+    _check_float_input(A)
+    if A.dim() == 0:
+        raise ValueError("A must have at least one dimension, got a scalar")
+    threshold = _check_threshold(threshold)
+    q, row_stats, cols = ops.int8_vectorwise_quant(A.contiguous(), threshold)
+    return q, row_stats, (cols if threshold > 0.0 else None)
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Undo int8_vectorwise_quant: A * stats[:, None] * (1/127), float32 (bitsandbytes' formula)."""
+    _check_int8_operand(A, "A")
+    _check_tensor(stats, "stats")
+    rows = A.numel() // A.shape[-1]
+    if stats.numel() != rows:
+        raise ValueError(f"stats has {stats.numel()} values, expected {rows} (one per row of A {tuple(A.shape)})")
+    _same_device("A", A, "stats", stats)
+    return (A.reshape(rows, A.shape[-1]) * stats.reshape(-1, 1) * INT8_DEQUANT_CONST).reshape(A.shape)
+
+
+def _check_int8_matmul(A, B) -> None:
+    _check_int8_operand(A, "A")
+    _check_int8_operand(B, "B")
+    if B.dim() != 2:
+        raise ValueError(f"B must be 2-D [N, K] (the weight), got shape {tuple(B.shape)}")
+    if A.shape[-1] != B.shape[1]:
+        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal B's K ({B.shape[1]}): "
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)} (out = A @ B.t())")
+    _same_device("A", A, "B", B)
+
+
+def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """int32 [..., N] = A [..., K] @ B [N, K].t(), exact, on int8 tensor cores (CUDA) or the CPU kernel."""
+    require_ops()
+    _check_int8_matmul(A, B)
+    if dtype != torch.int32:
+        raise ValueError(f"dtype must be torch.int32, got {dtype}")
+    result = ops.int8_linear_matmul(A, B)
+    if out is not None:
+        _check_tensor(out, "out")
+        if out.dtype != torch.int32 or out.shape != result.shape:
+            raise ValueError(f"out must be int32 of shape {tuple(result.shape)}, got {out.dtype} {tuple(out.shape)}")
+        return out.copy_(result)
+    return result
+
+
+def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                    out: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float16 (A * row_stats[:, None] * col_stats[None, :] * 6.200124e-05 + bias), in float32 steps,
+    from the int32 product A [..., N] (bitsandbytes' CPU numbers; its CUDA kernel differs slightly)."""
+    require_ops()
+    _check_int8_operand(A, "A", torch.int32)
+    rows, N = A.numel() // A.shape[-1], A.shape[-1]
+    _check_stats(row_stats, "row_stats", rows, "one per row of A", A.device)
+    _check_stats(col_stats, "col_stats", N, "one per column of A", A.device)
+    _check_bias(bias, N, A.device)
+    result = ops.int8_mm_dequant(A, row_stats, col_stats, torch.float16, bias)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, bias) in ``dtype``, the
+    epilogue fused into the matmul (bitsandbytes' int8_scaled_mm op)."""
+    require_ops()
+    _check_int8_matmul(A, B)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    _check_stats(row_stats, "row_stats", A.numel() // A.shape[-1], "one per row of A", A.device)
+    _check_stats(col_stats, "col_stats", B.shape[0], "one per row of B", A.device)
+    _check_bias(bias, B.shape[0], A.device)
+    return ops.int8_scaled_mm(A, B, row_stats, col_stats, dtype, bias)
+
+
+def int8_double_quant(A: torch.Tensor, col_stats=None, row_stats=None, out_col=None, out_row=None,
+                      threshold: float = 0.0):
+    """Row-wise and column-wise int8 statistics of A [rows, K] (LLM.int8 training).
+
+    Returns (row codes, column codes, row_stats, col_stats, outlier columns or None), as
+    bitsandbytes: the column codes are round(A * 127 (in A's dtype) / col_stats) with outliers
+    (|A| >= threshold) zeroed first and left out of col_stats; a non-finite code (an all-zero
+    column) is 0.
+    """
+    for name, val in (("row_stats", row_stats), ("col_stats", col_stats), ("out_col", out_col), ("out_row", out_row)):
+        if val is not None:
+            raise ValueError(f"{name} must be None: int8_double_quant() does not take pre-allocated outputs")
+    quant_row, stats_row, outlier_cols = int8_vectorwise_quant(A, threshold)
+    A2 = A.reshape(-1, A.shape[-1])
+    absA = A2.abs()
+    if threshold > 0.0:
+        mask = absA >= threshold
+        absA = absA.masked_fill(mask, 0.0)
+        A2 = A2.masked_fill(mask, 0.0)
+    stats_col = absA.amax(dim=0).float()
+    q = torch.round(A2.mul(127.0) / stats_col.unsqueeze(0))
+    quant_col = torch.where(torch.isfinite(q), q, torch.zeros_like(q)).to(torch.int8).reshape(A.shape)
+    return quant_row, quant_col, stats_row, stats_col, outlier_cols
+
+
+__all__ += ["int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
+            "int8_scaled_mm", "int8_double_quant"]
