@@ -144,6 +144,26 @@ def test_peak_memory_is_quantized_model_plus_one_layer(tmp_path, monkeypatch):
     assert isinstance(q.model.layers[3].mlp.up_proj, Linear4bit)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_gpu_memory_loading_onto_the_gpu(tmp_path):
+    model = tiny_llama(hidden=512, intermediate=2048, layers=4)
+    model.save_pretrained(tmp_path)
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                  if isinstance(m, torch.nn.Linear))
+    del model
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**NF4),
+                                             device_map={"": 0})
+    torch.cuda.synchronize()
+    final, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+    assert q.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    assert final < fp_bytes / 3
+    assert peak <= final + 2 * largest + 2**21, (peak, final, largest, fp_bytes)
+
+
 def test_save_pretrained_reloads_without_config(fp_dir, ids, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=BitsAndBytesConfig(**NF4))
     model.save_pretrained(tmp_path)

@@ -33,7 +33,10 @@ def _run(trigger: str) -> None:
         _done.add(trigger)
     module_name, func = HOOKS[trigger]
     try:
-        getattr(importlib.import_module(module_name), func)()
+        module = importlib.import_module(module_name)
+        if getattr(module.__spec__, "_initializing", False):
+            return  # the user is importing that module itself, which registers at its end
+        getattr(module, func)()
     except Exception as exc:  # never break the user's import of transformers / peft
         warnings.warn(f"nf4kit could not register with {trigger.split('.')[0]}: {type(exc).__name__}: {exc}",
                       RuntimeWarning, stacklevel=2)

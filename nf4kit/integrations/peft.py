@@ -136,3 +136,6 @@ def register() -> None:
 
         dequantize_bnb_weight._nf4kit = True
         _peft_integrations.dequantize_bnb_weight = dequantize_bnb_weight
+
+
+register()  # importing this module is asking for the integration

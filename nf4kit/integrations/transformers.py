@@ -314,3 +314,6 @@ def register() -> None:
         if current is not None and not hasattr(current, "_nf4kit_original"):
             _auto.AUTO_QUANTIZER_MAPPING[key] = _route(current)
     _wrap_merge()
+
+
+register()  # importing this module is asking for the integration
