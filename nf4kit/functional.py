@@ -499,6 +499,10 @@ def _check_matmul(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, bia
     if len(quant_state.shape) != 2:
         raise ValueError(f"quant_state.shape must be 2-D [out_features, in_features], got {tuple(quant_state.shape)}")
     N, K = quant_state.shape
+    have, need = B.numel() * B.element_size(), (N * K + 1) // 2
+    if have != need:
+        raise ValueError(f"B holds {have} bytes but quant_state.shape {tuple(quant_state.shape)} packs into {need}: "
+                         "B and quant_state belong to different weights")
     if A.dim() == 0 or A.shape[-1] != K:
         raise ValueError(f"A's last dimension must be in_features={K} (quant_state.shape {tuple(quant_state.shape)}), "
                          f"got A of shape {tuple(A.shape)}")

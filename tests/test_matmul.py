@@ -1,0 +1,305 @@
+"""gemm_4bit / matmul_4bit / gemv_4bit against the reference on every device.
+
+The reference is W dequantized in float32 and the product in float64. A kernel passes when its
+relative error (Frobenius norm) is at most twice that of A's-dtype torch.matmul on the weight
+dequantized to A's dtype (measured here, on the same device and inputs), with a floor of one
+ulp of A's dtype for tiny products whose baseline error happens to be 0. Outputs start poisoned
+(NF4KIT_POISON=1), so unwritten elements fail as NaN. On CUDA every kernel (skinny, tensor-core,
+generic, dequantize + cuBLAS) is forced on odd shapes through NF4KIT_GEMM_PATH.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import nf4kit.functional as F
+from nf4kit import reference as R
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT_TYPES = ("nf4", "fp4")
+CUDA = torch.cuda.is_available()
+ops = torch.ops.nf4kit
+
+
+@contextmanager
+def gemm_path(path):
+    """Force one CUDA kernel (csrc/cuda/gemm_4bit.cu reads NF4KIT_GEMM_PATH on every call)."""
+    old = os.environ.get("NF4KIT_GEMM_PATH")
+    os.environ["NF4KIT_GEMM_PATH"] = path or ""
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NF4KIT_GEMM_PATH", None)
+        else:
+            os.environ["NF4KIT_GEMM_PATH"] = old
+
+
+def quantized(N, K, blocksize, quant_type, nested, device, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) * 0.5).to(dtype).to(device)
+    B, qs = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return B, qs
+
+
+def dequant_f32(B, qs) -> torch.Tensor:
+    """The weight as the reference sees it: float32, on the CPU."""
+    absmax, na, nc, off, bs, nbs, qt = qs._decode_args()
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return R.dequantize_4bit(B.reshape(-1).cpu(), cpu(absmax), cpu(na), cpu(nc), cpu(off), bs, nbs, qt,
+                             tuple(qs.shape), torch.float32)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def check_against_reference(A, B, qs, bias=None, what=""):
+    """Runs matmul_4bit and compares with the float64 reference and the dtype baseline."""
+    out = F.matmul_4bit(A, B.t(), qs, bias=bias)
+    N = qs.shape[0]
+    assert out.shape == (*A.shape[:-1], N), what
+    assert out.dtype == A.dtype and out.device == A.device, what
+    assert bool(torch.isfinite(out).all()), f"{what}: non-finite (unwritten?) outputs"
+    W32 = dequant_f32(B, qs)
+    ref = A.double().cpu() @ W32.double().t()
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    Wd = W32.to(A.dtype).to(A.device)
+    base = A @ Wd.t()
+    if bias is not None:
+        base = base + bias
+    err, base_err = rel_err(out, ref), rel_err(base, ref)
+    tol = max(2 * base_err, torch.finfo(A.dtype).eps)
+    assert err <= tol, f"{what}: error {err:.3e} > {tol:.3e} (baseline {base_err:.3e})"
+    return out
+
+
+def activations(shape, dtype, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every dtype x quant type x blocksize x nesting, on every device
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_4bit_matches_reference(device, dtype, quant_type, blocksize, nested):
+    # (batch shape, N, K): odd K (rows start mid-byte), K not a multiple of the blocksize or of
+    # 128, N not a multiple of 32, one output feature, 3-D input, K that fits the fast kernels.
+    cases = [((1,), 1, 1), ((3,), 17, 33), ((5,), 65, 130), ((2, 3), 40, 96), ((1,), 33, 256),
+             ((9,), 70, 160), ((4,), 1, 64), ((33,), 48, 64)]
+    for i, (batch, N, K) in enumerate(cases):
+        B, qs = quantized(N, K, blocksize, quant_type, nested, device, dtype, seed=i)
+        A = activations((*batch, K), dtype, device, seed=100 + i)
+        bias = activations((N,), dtype, device, seed=200 + i) if i % 2 else None
+        check_against_reference(A, B, qs, bias, f"{dtype} {quant_type} bs={blocksize} nested={nested} "
+                                                f"A{tuple(A.shape)} N={N} on {device}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_sizes(device, dtype):
+    """Batch 1..4096 on the GPU (every dispatch region), fewer on the CPU."""
+    batches = (1, 2, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 128, 129, 256, 1024, 1025, 4096) if device == "cuda" \
+        else (1, 2, 8, 33, 130)
+    N, K = 200, 1024
+    B, qs = quantized(N, K, 64, "nf4", True, device, dtype, seed=3)
+    for M in batches:
+        A = activations((M, K), dtype, device, seed=M)
+        check_against_reference(A, B, qs, None, f"{dtype} M={M} on {device}")
+
+
+def test_one_output_feature_bf16(device):
+    """bitsandbytes 0.50.2's CPU gemv aborts on a bf16 weight with one output row; here N=1 works."""
+    for K, nested, qt in ((64, False, "nf4"), (4096, True, "nf4"), (127, True, "fp4"), (32, False, "fp4")):
+        B, qs = quantized(1, K, 64, qt, nested, device, torch.bfloat16, seed=K)
+        for M in (1, 3, 40):
+            A = activations((M, K), torch.bfloat16, device, seed=M)
+            check_against_reference(A, B, qs, None, f"N=1 K={K} M={M}")
+            out = F.gemv_4bit(A, B.t(), state=qs)
+            assert out.shape == (M, 1)
+
+
+def test_gemv_4bit_matches_reference(device):
+    """bitsandbytes 0.50.2's CPU gemv_4bit returns garbage for ordinary shapes; ours is the matmul."""
+    for dtype in DTYPES:
+        B, qs = quantized(64, 128, 64, "nf4", False, device, dtype)
+        A = activations((1, 128), dtype, device)
+        out = F.gemv_4bit(A, B.t(), state=qs)
+        torch.testing.assert_close(out, F.matmul_4bit(A, B.t(), qs), rtol=0, atol=0)
+        check_against_reference(A, B, qs, None, f"gemv {dtype}")
+
+
+def test_non_contiguous_and_out(device):
+    B, qs = quantized(48, 96, 64, "nf4", True, device)
+    A = activations((96, 10), torch.float16, device).t()  # [10, 96], strides (1, 10)
+    assert not A.is_contiguous()
+    ref = check_against_reference(A, B, qs, None, "transposed A")
+    A3 = activations((4, 5, 192), torch.float16, device)[:, :, ::2]  # last dim strided
+    check_against_reference(A3, B, qs, None, "strided last dim")
+    out = torch.full((10, 48), float("nan"), dtype=torch.float16, device=device)
+    res = F.matmul_4bit(A, B.t(), qs, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_empty_batch(device):
+    B, qs = quantized(16, 64, 64, "nf4", False, device)
+    out = F.matmul_4bit(torch.empty(0, 64, dtype=torch.float16, device=device), B.t(), qs)
+    assert out.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every CUDA kernel forced, at odd shapes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["skinny", "tc", "generic", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_forced(path, dtype):
+    # K % 32 == 0 for the mma kernels (others fall back to auto, still checked).
+    shapes = [(1, 1, 32), (3, 33, 96), (8, 31, 4128), (17, 257, 160), (32, 64, 8192), (5, 1000, 2048)]
+    if path in ("tc", "generic", "dequant"):
+        shapes += [(33, 129, 224), (64, 130, 64), (130, 72, 320), (256, 300, 4096)]
+    for i, (M, N, K) in enumerate(shapes):
+        for bs, nested, qt in ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4")):
+            B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=i)
+            A = activations((M, K), dtype, "cuda", seed=i + 7)
+            bias = activations((N,), dtype, "cuda", seed=i + 9) if i % 2 else None
+            with gemm_path(path):
+                check_against_reference(A, B, qs, bias, f"{path} {dtype} M={M} N={N} K={K} bs={bs} {qt} n={nested}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_matches_cpu_op():
+    """The CUDA op and the CPU op agree within float32-accumulation noise."""
+    for dtype in (torch.float32, torch.float16):
+        B, qs = quantized(100, 320, 64, "fp4", True, "cuda", dtype)
+        A = activations((12, 320), dtype, "cuda")
+        out = F.matmul_4bit(A, B.t(), qs)
+        cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in qs._decode_args()]
+        cpu = ops.gemm_4bit(A.cpu(), B.reshape(-1).cpu(), *cpu_args, 100, None)
+        assert rel_err(out, cpu) < 4 * torch.finfo(dtype).eps
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_autograd(device, dtype):
+    N, K = 24, 96
+    B, qs = quantized(N, K, 32, "nf4", True, device, dtype)
+    A = activations((2, 3, K), dtype, device).requires_grad_()
+    bias = activations((N,), dtype, device).requires_grad_()
+    out = F.matmul_4bit(A, B.t(), qs, bias=bias)
+    grad = activations(out.shape, dtype, device, seed=5)
+    out.backward(grad)
+    W = dequant_f32(B, qs).double()
+    ref_A = grad.double().cpu() @ W
+    tol = 4 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    assert rel_err(A.grad, ref_A) < tol
+    assert rel_err(bias.grad, grad.double().cpu().reshape(-1, N).sum(0)) < tol
+    assert not B.requires_grad and B.grad is None
+
+
+def test_autograd_gradcheck_style(device):
+    """Directional derivative of the op (float32) against the analytic gradient."""
+    N, K = 8, 64
+    B, qs = quantized(N, K, 64, "fp4", False, device, torch.float32)
+    A = activations((3, K), torch.float32, device).requires_grad_()
+    f = lambda x: F.matmul_4bit(x, B.t(), qs)  # noqa: E731
+    v = activations((3, K), torch.float32, device, seed=9)
+    u = activations((3, N), torch.float32, device, seed=10)
+    (g,) = torch.autograd.grad((f(A) * u).sum(), A)
+    eps = 1e-2
+    with torch.no_grad():
+        fd = ((f(A + eps * v) - f(A - eps * v)) * u).sum() / (2 * eps)  # exact: f is linear
+    assert abs(float((g * v).sum()) - float(fd)) <= 1e-3 * abs(float(fd)) + 1e-3
+
+
+def _op_args(device, nested, with_bias):
+    B, qs = quantized(20, 64, 32, "nf4", nested, device)
+    A = activations((3, 64), torch.float16, device)
+    bias = activations((20,), torch.float16, device) if with_bias else None
+    return (A, B.reshape(-1), *qs._decode_args(), 20, bias)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_opcheck(device, nested):
+    torch.library.opcheck(ops.gemm_4bit.default, _op_args(device, nested, True))
+    torch.library.opcheck(ops.gemm_4bit.default, _op_args(device, nested, False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs(device):
+    B, qs = quantized(16, 64, 64, "nf4", True, device)
+    A = activations((2, 64), torch.float16, device)
+    with pytest.raises(ValueError, match="in_features=64"):
+        F.matmul_4bit(activations((2, 63), torch.float16, device), B.t(), qs)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        F.matmul_4bit(A.double(), B.t(), qs)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        F.matmul_4bit(A.to(torch.int32), B.t(), qs)
+    B2, qs2 = quantized(32, 64, 64, "nf4", True, device)  # a quant_state of another shape
+    with pytest.raises(ValueError):
+        F.matmul_4bit(A, B.t(), qs2)
+    with pytest.raises(ValueError):
+        F.matmul_4bit(A, B2.t(), qs)
+    with pytest.raises(ValueError, match="bias"):
+        F.matmul_4bit(A, B.t(), qs, bias=torch.zeros(15, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="quant_state"):
+        F.matmul_4bit(A, B.t(), None)
+    # activations on another device than the weight: CPU activations with a CUDA weight, CUDA
+    # activations with a CPU weight, or (CPU-only machine) meta activations with a CPU weight
+    other = "cpu" if device == "cuda" else ("cuda" if CUDA else "meta")
+    with pytest.raises(ValueError, match="device|on "):
+        F.matmul_4bit(A.to(other), B.t(), qs)
+    # the op itself (no Python checks): argument named in the error
+    args = list(_op_args(device, False, False))
+    args[2] = args[2][:-1]
+    with pytest.raises((ValueError, RuntimeError), match="absmax"):
+        ops.gemm_4bit(*args)
+    args = list(_op_args(device, False, False))
+    with pytest.raises((ValueError, RuntimeError), match="packed"):
+        ops.gemm_4bit(*args[:-2], 21, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes (the format's origin) gives the same products
+# ---------------------------------------------------------------------------------------------
+def _bnb_state(qs):
+    from bitsandbytes.functional import QuantState as BQS
+    s2 = None
+    if qs.nested:
+        s2 = BQS(absmax=qs.state2.absmax, code=qs.state2.code, blocksize=qs.state2.blocksize, dtype=torch.float32)
+    return BQS(absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize, quant_type=qs.quant_type,
+               dtype=qs.dtype, offset=qs.offset, state2=s2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_bitsandbytes(device, dtype):
+    bnb = pytest.importorskip("bitsandbytes")
+    if device == "cuda" and not getattr(bnb, "__version__", ""):
+        pytest.skip("bitsandbytes without CUDA")
+    for i, (M, N, K, nested, qt) in enumerate([(1, 64, 128, True, "nf4"), (5, 96, 256, False, "fp4"),
+                                              (33, 48, 512, True, "fp4"), (3, 1, 64, False, "nf4")]):
+        B, qs = quantized(N, K, 64, qt, nested, device, dtype, seed=i)
+        A = activations((M, K), dtype, device, seed=i)
+        ours = F.matmul_4bit(A, B.t(), qs)
+        try:
+            theirs = bnb.matmul_4bit(A, B.t(), _bnb_state(qs))
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. no bnb kernel for this device
+            pytest.skip(f"bitsandbytes cannot run here: {exc}")
+        ref = A.double().cpu() @ dequant_f32(B, qs).double().t()
+        tol = 2 * max(rel_err(theirs, ref), torch.finfo(dtype).eps)
+        assert rel_err(ours, ref) <= tol
+        assert rel_err(ours, theirs) <= 2 * tol
