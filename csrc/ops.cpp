@@ -20,6 +20,9 @@ TORCH_LIBRARY(nf4kit, m) {
   m.def(
       "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
       "-> Tensor");
+  // The second level of a nested 4-bit quantization in one pass: quantize_blockwise(absmax - offset,
+  // code, blocksize), absmax float32 [nblocks], offset float32 [1] (torch's mean of absmax).
+  m.def("quantize_nested_absmax(Tensor absmax, Tensor offset, Tensor code, int blocksize) -> (Tensor, Tensor)");
   // Fused 4-bit matmul: out[..., N] = A[..., K] @ W[N, K]^T (+ bias), W given as its packed
   // 4-bit form (same arguments as dequantize_4bit, shape [N, K]).
   m.def(

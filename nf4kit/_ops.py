@@ -46,6 +46,11 @@ if LOAD_ERROR is None:
         return (A.new_empty(A.shape, dtype=torch.uint8),
                 A.new_empty((_nblocks(A.numel(), blocksize),), dtype=torch.float32))
 
+    @torch.library.register_fake("nf4kit::quantize_nested_absmax")
+    def _(absmax: torch.Tensor, offset: torch.Tensor, code: torch.Tensor, blocksize: int):
+        return (absmax.new_empty(absmax.shape, dtype=torch.uint8),
+                absmax.new_empty((_nblocks(absmax.numel(), blocksize),), dtype=torch.float32))
+
     @torch.library.register_fake("nf4kit::dequantize_blockwise")
     def _(A, absmax, code, blocksize: int, dtype: torch.dtype):
         return A.new_empty(A.shape, dtype=dtype)

@@ -41,6 +41,17 @@ def _dynamic_map(device: torch.device) -> torch.Tensor:
     return _dynamic_maps[device]
 
 
+_codes_4bit: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 4-bit decode table on ``device``, copied there once (a per-call host copy would wait on the GPU)."""
+    key = (quant_type, torch.device(device))
+    if key not in _codes_4bit:
+        _codes_4bit[key] = reference.decode_table_4bit(quant_type).to(device)
+    return _codes_4bit[key]
+
+
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
     """The 16 code values of ``typename`` ('nf4' or 'fp4') as float32, index order."""
     if typename not in QUANT_TYPES:
@@ -253,6 +264,11 @@ def _check_finite(absmax: torch.Tensor, what: str) -> None:
             "whole block. Clean the input, or pass check_finite=False to quantize it anyway.")
 
 
+def _finite_scalar(t: torch.Tensor) -> bool:
+    """Whether a one-element tensor is finite (True while compiling: no data-dependent branch)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(t).all())
+
+
 def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: Optional[torch.Tensor]) -> None:
     if b is not None and a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put them on one device")
@@ -339,13 +355,20 @@ def quantize_4bit(
             f"quant_storage={quant_storage} needs the packed byte count to be a multiple of {itemsize}, "
             f"but {A.numel()} elements pack into {nbytes} bytes; use quant_storage=torch.uint8 for this tensor")
 
+    code = _code_4bit(quant_type, A.device).clone()  # bnb's quant_map: FP4 index 8 is +0.0
     packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
-    if check_finite:
-        _check_finite(_absmax, "A")
-    code = reference.decode_table_4bit(quant_type).to(A.device)  # bnb's quant_map: FP4 index 8 is +0.0
     if compress_statistics:
+        # The offset is torch's float32 mean on A's device (as bitsandbytes computes it); absmax - offset
+        # and its 8-bit quantization then run as one kernel.
         offset = _absmax.mean()
-        qabsmax, absmax2 = ops.quantize_blockwise(_absmax - offset, _dynamic_map(A.device), NESTED_BLOCKSIZE)
+        qabsmax, absmax2 = ops.quantize_nested_absmax(_absmax, offset.reshape(1), _dynamic_map(A.device),
+                                                      NESTED_BLOCKSIZE)
+    # Every absmax is >= 0 or NaN, so NaN or inf anywhere makes their mean NaN or inf: when the mean
+    # is finite, so is every absmax, and one scalar (not all of absmax) decides. A non-finite mean of
+    # finite values (float32 overflow) falls through to the full check, which passes.
+    if check_finite and not (compress_statistics and _finite_scalar(offset)):
+        _check_finite(_absmax, "A")
+    if compress_statistics:
         state2 = QuantState(absmax=absmax2, code=_dynamic_map(A.device).clone(), blocksize=NESTED_BLOCKSIZE,
                             dtype=torch.float32)
         state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,

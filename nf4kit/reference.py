@@ -207,6 +207,14 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return q.reshape(A.shape).to(A.device), absmax.to(A.device)
 
 
+def quantize_nested_absmax(
+    absmax: torch.Tensor, offset: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second level of a nested 4-bit quantization: quantize_blockwise(absmax - offset), the
+    subtraction one float32 rounding (offset is torch's float32 mean of absmax on its device)."""
+    return quantize_blockwise(absmax.float() - offset.float().reshape(()), code, blocksize)
+
+
 def dequantize_blockwise(
     A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -22,6 +22,12 @@
 
 #include "../common.h"
 
+// Dispatch on the three float dtypes the ops take (NF4KIT_DISPATCH_FLOAT also instantiates
+// double, which no op accepts: a dead instantiation costs device compile time).
+#define NF4KIT_CUDA_DISPATCH_FLOAT(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // After every kernel launch: raises a c10::Error carrying the CUDA error string.
 #define NF4KIT_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
@@ -70,17 +76,25 @@ __device__ __forceinline__ float nested_absmax_value(float code_value, float nes
 // The absmax of 4-bit block j, plain (float32 absmax) or nested (uint8 codes). The nested
 // arguments are null for plain absmax. nested_code may point to shared or global memory.
 struct AbsmaxSource {
-  const float* absmax_f32;      // plain: float32 [nblocks]; else null
-  const uint8_t* absmax_u8;     // nested: uint8 codes [nblocks]; else null
-  const float* nested_absmax;   // nested: float32 [ceil(nblocks / nested_blocksize)]
-  const float* nested_code;     // nested: float32 [256]
-  const float* offset;          // nested: float32 [1]
-  int64_t nested_blocksize;
+  const float* absmax_f32 = nullptr;     // plain: float32 [nblocks]; else null
+  const uint8_t* absmax_u8 = nullptr;    // nested: uint8 codes [nblocks]; else null
+  const float* nested_absmax = nullptr;  // nested: float32 [ceil(nblocks / nested_blocksize)]
+  const float* nested_code = nullptr;    // nested: float32 [256]
+  const float* offset = nullptr;         // nested: float32 [1]
+  int64_t nested_blocksize = 256;
+  int nested_shift = 8;                  // log2(nested_blocksize), or -1 when not a power of two
 
+  void set_nested_blocksize(int64_t nbs) {
+    nested_blocksize = nbs;
+    nested_shift = (nbs & (nbs - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(nbs)) : -1;
+  }
+
+  // code256: nested_code, e.g. staged in shared memory; off: *offset, read once per thread.
   __device__ __forceinline__ float get(int64_t j, const float* code256, float off) const {
     if (absmax_f32 != nullptr) return __ldg(absmax_f32 + j);
     const uint32_t q = __ldg(absmax_u8 + j);
-    return nested_absmax_value(code256[q], __ldg(nested_absmax + j / nested_blocksize), off);
+    const int64_t k = nested_shift >= 0 ? (j >> nested_shift) : j / nested_blocksize;
+    return nested_absmax_value(code256[q], __ldg(nested_absmax + k), off);
   }
 };
 
@@ -130,6 +144,36 @@ template <> __device__ __forceinline__ float unpack_hi<at::BFloat16>(uint32_t w)
   return __uint_as_float(w & 0xFFFF0000u);
 }
 
+// 16 bytes of T -> floats (4 for float32, 8 for 16-bit types), element order kept.
+template <typename T> constexpr int kPerVec = 16 / static_cast<int>(sizeof(T));
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (sizeof(T) == 4) {
+      out[k] = __uint_as_float(w[k]);
+    } else {
+      out[2 * k] = unpack_lo<T>(w[k]);
+      out[2 * k + 1] = unpack_hi<T>(w[k]);
+    }
+  }
+}
+// kPerVec<T> floats -> 16 bytes of T (round to nearest even).
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float* in) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (sizeof(T) == 4) {
+      w[k] = __float_as_uint(in[k]);
+    } else {
+      w[k] = pack2<T>(in[2 * k], in[2 * k + 1]);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // NaN-aware float helpers (torch semantics: amax and clamp propagate NaN).
 // ---------------------------------------------------------------------------------------------
@@ -166,6 +210,13 @@ inline int sm_count() {
 inline int64_t persistent_grid(int64_t work_items, int per_sm) {
   const int sms = sm_count();
   return std::max<int64_t>(1, std::min<int64_t>(work_items, static_cast<int64_t>(sms) * per_sm));
+}
+// As many CTAs of `kernel` as fit on the device at once (occupancy API), never more than the work.
+template <typename Kernel>
+int64_t resident_grid(Kernel kernel, int threads, int64_t work_items) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  return persistent_grid(work_items, std::max(per_sm, 1));
 }
 
 }  // namespace cuda
