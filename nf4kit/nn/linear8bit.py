@@ -76,6 +76,7 @@ class Int8Params(torch.nn.Parameter):
         if self.has_fp16_weights:
             return super().to(device)
         CB, SCB = quantize_weight(self.data.to(device=device))
+        self.requires_grad_(False)  # an int8 tensor cannot require grad (bitsandbytes raises here)
         self.data = CB
         self.CB = CB
         self.SCB = SCB
