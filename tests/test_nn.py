@@ -373,7 +373,12 @@ def test_quantize_model_8bit():
     y = model(ids)
     nf4kit.quantize_model(model, BitsAndBytesConfig(load_in_8bit=True))
     assert isinstance(model.blocks[0]["up"], nf4kit.Linear8bitLt) and model.is_loaded_in_8bit
-    torch.testing.assert_close(model(ids), y, rtol=0.1, atol=0.1)
+    assert model.blocks[0]["up"].weight.dtype == torch.int8
+    y8 = model(ids)
+    torch.testing.assert_close(y8, y, rtol=0.1, atol=0.1)
+    nf4kit.dequantize_model(model)
+    assert type(model.blocks[0]["up"]) is nn.Linear and model.blocks[0]["up"].weight.dtype == torch.float32
+    torch.testing.assert_close(model(ids), y8, rtol=0.05, atol=0.05)  # int8 matmul vs the dense dequantized one
 
 
 def test_prepare_model_for_kbit_training_keeps_packed_weights():

@@ -115,6 +115,30 @@ def test_merge_and_unload_and_exact_dense_merge():
         torch.testing.assert_close(dense(x), y_lora, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(nf4kit.Linear8bitLt is None, reason="nf4kit.nn.linear8bit not in this build")
+def test_lora_on_8bit_layers():
+    from nf4kit.integrations.peft import LoraLinear8bitLt
+    from nf4kit.nn.linear8bit import dequantize_weight, quantize_weight
+
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Linear(128, 96))
+    nf4kit.quantize_model(base, BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[]))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
+    layer = model.base_model.model[0]
+    assert isinstance(layer, LoraLinear8bitLt)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        y_lora = model(x)
+        w = layer.get_base_layer().weight
+        W0 = dequantize_weight(w.data, w.SCB if w.SCB is not None else layer.get_base_layer().state.SCB, torch.float32)
+        delta = layer.get_delta_weight("default")
+        layer.merge()
+        CB, SCB = quantize_weight((W0 + delta).half())
+        assert torch.equal(layer.get_base_layer().weight.data, CB)
+        torch.testing.assert_close(model(x), y_lora, rtol=0.05, atol=0.05)
+
+
 def test_custom_module_config_and_dora():
     model = qlora_model(seed=2)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)

@@ -124,16 +124,18 @@ def _quantized_param(module: torch.nn.Module, value: torch.Tensor) -> torch.nn.P
         return Params4bit(value, requires_grad=False, blocksize=old.blocksize,
                           compress_statistics=old.compress_statistics, quant_type=old.quant_type,
                           quant_storage=old.quant_storage, module=module)._quantize(value.device)
-    p = Int8Params(value, requires_grad=False, has_fp16_weights=getattr(old, "has_fp16_weights", False))
-    return p.to(value.device)
+    fp16_weights = getattr(old, "has_fp16_weights", False)
+    p = Int8Params(value, requires_grad=fp16_weights, has_fp16_weights=fp16_weights)
+    return p if fp16_weights else p._quantize(value.device)  # on the weight's device
 
 
 def _int8_from_checkpoint(module, weight, tensors):
     scb = next((v for k, v in tensors.items() if k.split(".")[-1] == "SCB"), None)
     if scb is None:
         raise ValueError("an 8-bit checkpoint weight comes without its 'SCB' row scales")
-    p = Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=scb.to(weight.device))
-    return p.to(weight.device)
+    if weight.dtype != torch.int8:
+        raise ValueError(f"an 8-bit checkpoint weight must be int8, got {weight.dtype}")
+    return Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb.to(weight.device))
 
 
 # ------------------------------------------------------------------------------------------------

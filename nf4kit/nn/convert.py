@@ -16,7 +16,7 @@ from ..config import BitsAndBytesConfig
 from .linear4bit import Linear4bit
 from .params4bit import Params4bit
 
-from ._int8 import Int8Params, Linear8bitLt  # None where nn/linear8bit.py is absent
+from ._int8 import Int8Params, Linear8bitLt, dequantize_int8_weight  # None where nn/linear8bit.py is absent
 
 
 def matches_module(name: str, patterns: Optional[Iterable[str]]) -> bool:
@@ -83,14 +83,14 @@ def _new_8bit(module: nn.Module, config: BitsAndBytesConfig) -> nn.Module:
     if _is_conv1d(module):
         weight = weight.t()
     out_features, in_features = weight.shape
+    fp16_weights = config.llm_int8_has_fp16_weight
     with torch.device("meta"):
-        new = Linear8bitLt(in_features, out_features, bias=module.bias is not None,
-                           has_fp16_weights=config.llm_int8_has_fp16_weight, threshold=config.llm_int8_threshold)
-    new.weight = Int8Params(weight, requires_grad=config.llm_int8_has_fp16_weight,
-                            has_fp16_weights=config.llm_int8_has_fp16_weight)
+        new = Linear8bitLt(in_features, out_features, bias=module.bias is not None, has_fp16_weights=fp16_weights,
+                           threshold=config.llm_int8_threshold)
+    new.weight = Int8Params(weight, requires_grad=fp16_weights, has_fp16_weights=fp16_weights)
+    if weight.device.type != "meta" and not fp16_weights:
+        new.weight._quantize(weight.device)  # where the weight is (Int8Params.to quantizes only from the CPU)
     new.bias = module.bias
-    if weight.device.type != "meta":
-        new = new.to(weight.device)
     return new
 
 
@@ -130,22 +130,25 @@ def quantize_model(model: nn.Module, config: Optional[BitsAndBytesConfig] = None
     return model
 
 
-def _dequantized_weight(module: nn.Module) -> torch.Tensor:
+def _dequantized_weight(module: nn.Module, dtype: Optional[torch.dtype]) -> torch.Tensor:
     if isinstance(module, Linear4bit):
         return module.weight.dequantize()
-    if hasattr(module.weight, "dequantize"):  # Int8Params
-        return module.weight.dequantize()
-    if hasattr(module, "dequantize_weight"):
-        return module.dequantize_weight()
-    raise TypeError(f"cannot dequantize {type(module).__name__}")
+    w = module.weight  # Linear8bitLt: int8 codes and row scales (on the weight, or moved to the state)
+    if w.dtype != torch.int8:
+        return w.detach().clone()
+    scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+    if dtype is None:
+        dtype = module.bias.dtype if module.bias is not None else torch.float32
+    return dequantize_int8_weight(w.data, scb, dtype)
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Undo ``quantize_model`` in place: each Linear4bit / Linear8bitLt becomes an nn.Linear
-    holding its dequantized weight (in ``dtype``, default the dtype it was quantized from)."""
+    holding its dequantized weight (in ``dtype``; default: the dtype a 4-bit weight was quantized
+    from, the bias' dtype (else float32) for an 8-bit one, which does not record it)."""
     kinds = (Linear4bit,) + ((Linear8bitLt,) if Linear8bitLt is not None else ())
     for name, module in [(n, m) for n, m in model.named_modules() if n and isinstance(m, kinds)]:
-        weight = _dequantized_weight(module)
+        weight = _dequantized_weight(module, dtype)
         if dtype is not None:
             weight = weight.to(dtype)
         with torch.device("meta"):
