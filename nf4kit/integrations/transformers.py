@@ -169,6 +169,22 @@ class Nf4kitHfQuantizer(HfQuantizer):
                            "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
                            "weight.quant_state.bitsandbytes__fp4"]}
 
+    def param_element_size(self, model, param_name: str, param) -> float:
+        if self.param_needs_quantization(model, param_name):
+            return self.quantized_element_size
+        return super().param_element_size(model, param_name, param)
+
+    def get_weight_conversions(self):
+        if hasattr(HfQuantizer, "get_load_operations"):  # transformers >= 5.2x: serialized_names + load ops
+            return super().get_weight_conversions()
+        if not self.pre_quantized:  # older 5.x: the converter is spelled out
+            return []
+        from transformers.core_model_loading import WeightConverter
+
+        names = [n for n in self.serialized_names["weight"] if n != "weight"] + ["weight"]
+        return [WeightConverter(source_patterns=names, target_patterns="weight",
+                                operations=[_conversion_ops()[1](self)])]
+
     def validate_environment(self, *args, **kwargs):
         from .._ops import require_ops
 
