@@ -40,10 +40,11 @@ def gemm_path(path):
 
 
 def quantized(N, K, blocksize, quant_type, nested, device, dtype=torch.float16, seed=0):
+    """A random weight quantized on the CPU (the quantize kernels have their own tests) and moved."""
     g = torch.Generator().manual_seed(seed)
-    W = (torch.randn(N, K, generator=g) * 0.5).to(dtype).to(device)
+    W = (torch.randn(N, K, generator=g) * 0.5).to(dtype)
     B, qs = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-    return B, qs
+    return B.to(device), qs.to(device)
 
 
 def dequant_f32(B, qs) -> torch.Tensor:

@@ -1,0 +1,60 @@
+#!/bin/bash
+# One device call for the 4-bit matmul kernels (csrc/cuda/gemm_4bit.cu): build them (with the
+# dequantize kernel the fallback path uses), the matmul tests, compute-sanitizer memcheck and
+# racecheck on every kernel at odd shapes, the dispatch tuning sweep and the benchmark.
+# Everything lands in $OUT: build.log, tests.log, sanitizer_matmul.log, tune.log, bench.log,
+# matmul.{md,json}. Run from the repository root with .bnb (bitsandbytes 0.50.2 + CUDA library)
+# and .whl (pytest wheels, installed only if the device lacks pytest) carried.
+#   STEPS="build tests sanitize tune bench" (default: all), BENCH_ARGS="--layers 8192x28672"
+set -o pipefail
+OUT=${OUT:-/tmp/nf4kit_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
+STEPS=${STEPS:-build tests sanitize tune bench}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/pytest-*.whl .whl/pluggy-*.whl \
+    .whl/iniconfig-*.whl .whl/pygments-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+if has build; then
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || {
+    stamp "build with $NF4KIT_CUDA_SOURCES failed, retrying gemm_4bit.cu alone"; tail -20 "$OUT/build.log"
+    NF4KIT_CUDA_SOURCES=gemm_4bit.cu python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  }
+  stamp "built"
+fi
+
+if has tests; then
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_matmul.py -q -rs --maxfail=20 -p no:cacheprovider \
+    ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  stamp "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
+  grep -E "^(FAILED|ERROR)|Error:|assert " "$OUT/tests.log" | head -30
+fi
+
+if has sanitize; then
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    echo "=== compute-sanitizer --tool $tool ===" >> "$OUT/sanitizer_matmul.log"
+    timeout 150 "$SAN" --tool $tool --error-exitcode 9 python3 benchmarks/bench_matmul.py --sanitize \
+      >> "$OUT/sanitizer_matmul.log" 2>&1
+    stamp "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitizer_matmul.log" | tail -2
+  done
+fi
+
+if has tune; then
+  timeout 120 python3 benchmarks/bench_matmul.py --tune 2>&1 | tee "$OUT/tune.log"
+  stamp "tune done"
+fi
+
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_matmul.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  stamp "bench rc=$?"
+  [ -f "$OUT/matmul.md" ] && grep -E "^\| (8192x28672|4096x4096) " "$OUT/matmul.md" | cut -d'|' -f2-7
+fi
