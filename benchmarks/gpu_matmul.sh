@@ -38,18 +38,8 @@ if has tests; then
   grep -E "^(FAILED|ERROR)|Error:|assert " "$OUT/tests.log" | head -30
 fi
 
-if has sanitize; then
-  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
-    echo "=== compute-sanitizer --tool $tool ===" >> "$OUT/sanitizer_matmul.log"
-    timeout 150 "$SAN" --tool $tool --error-exitcode 9 python3 benchmarks/bench_matmul.py --sanitize \
-      >> "$OUT/sanitizer_matmul.log" 2>&1
-    stamp "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitizer_matmul.log" | tail -2
-  done
-fi
-
 if has tune; then
-  timeout 120 python3 benchmarks/bench_matmul.py --tune 2>&1 | tee "$OUT/tune.log"
+  timeout ${TUNE_TIMEOUT:-120} python3 benchmarks/bench_matmul.py --tune 2>&1 | tee "$OUT/tune.log"
   stamp "tune done"
 fi
 
@@ -57,4 +47,14 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_matmul.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   stamp "bench rc=$?"
   [ -f "$OUT/matmul.md" ] && grep -E "^\| (8192x28672|4096x4096) " "$OUT/matmul.md" | cut -d'|' -f2-7
+fi
+
+if has sanitize; then
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    echo "=== compute-sanitizer --tool $tool ===" >> "$OUT/sanitizer_matmul.log"
+    timeout ${SAN_TIMEOUT:-150} "$SAN" --tool $tool --error-exitcode 9 python3 benchmarks/bench_matmul.py --sanitize \
+      >> "$OUT/sanitizer_matmul.log" 2>&1
+    stamp "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitizer_matmul.log" | tail -2
+  done
 fi
