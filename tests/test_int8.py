@@ -2,6 +2,7 @@
 against bitsandbytes 0.50.2 on the CPU (functional API, Linear8bitLt outputs, state_dict both
 ways), opcheck, autograd and bad input."""
 import copy
+import functools
 import io
 
 import pytest
@@ -89,7 +90,7 @@ def rand_i8(shape, seed):
 # (M, N, K): partial tiles in every direction, K not a multiple of 16 (padded on CUDA), K = 1, one
 # row (decode), a 3-D input, and on CUDA the split-K and large-tile paths.
 MATMUL_SHAPES = [(1, 1, 1), (1, 7, 15), (5, 64, 16), (16, 65, 33), (17, 9, 128), (3, 200, 300), ((2, 3), 40, 64)]
-CUDA_MATMUL_SHAPES = [(1, 4096, 4096), (16, 1000, 2048), (130, 300, 1040), (256, 512, 4096), (300, 129, 8)]
+CUDA_MATMUL_SHAPES = [(1, 4096, 4096), (16, 1000, 2048), (130, 300, 1040), (256, 256, 4096), (300, 129, 8)]
 
 
 def matmul_shapes(device):
@@ -101,11 +102,17 @@ def operands(M, N, K, seed):
     return rand_i8((*lead, K), seed), rand_i8((N, K), seed + 1)
 
 
+@functools.lru_cache(maxsize=None)
+def reference_product(M, N, K, seed):
+    """reference.int8_linear_matmul of operands(M, N, K, seed), once per shape (int64 matmul is slow)."""
+    return R.int8_linear_matmul(*operands(M, N, K, seed))
+
+
 def test_linear_matmul_matches_reference(device):
     for i, (M, N, K) in enumerate(matmul_shapes(device)):
         A, B = operands(M, N, K, i)
         out = ops.int8_linear_matmul(A.to(device), B.to(device))
-        same_bits(out, R.int8_linear_matmul(A, B), f"int32 product M={M} N={N} K={K} on {device}")
+        same_bits(out, reference_product(M, N, K, i), f"int32 product M={M} N={N} K={K} on {device}")
 
 
 def test_linear_matmul_extremes(device):
@@ -131,11 +138,11 @@ def test_scaled_mm_and_mm_dequant_match_reference(device, dtype, bias_dtype):
         rows = A.numel() // K
         rs, cs = make_stats(rows, i), make_stats(N, i + 7)
         bias = None if bias_dtype is None else (torch.randn(N) * 3).to(bias_dtype)
-        ref = R.int8_scaled_mm(A, B, rs, cs, dtype, bias)
+        prod = reference_product(M, N, K, i)
+        ref = R.int8_mm_dequant(prod, rs, cs, dtype, bias)  # = R.int8_scaled_mm(A, B, ...)
         d = lambda t: None if t is None else t.to(device)  # noqa: E731
         what = f"{dtype} bias={bias_dtype} M={M} N={N} K={K} on {device}"
         same_bits(ops.int8_scaled_mm(d(A), d(B), d(rs), d(cs), dtype, d(bias)), ref, "scaled_mm " + what)
-        prod = R.int8_linear_matmul(A, B)
         same_bits(ops.int8_mm_dequant(d(prod), d(rs), d(cs), dtype, d(bias)), ref, "mm_dequant " + what)
 
 

@@ -99,7 +99,9 @@ __global__ __launch_bounds__(kQuantThreads) void int8_quant_rows_kernel(const T*
       }
     }
   }
-  const float absmax = block_max_nan(m);
+  // max.NaN gives the canonical NaN (0x7fffffff); torch's amax (the reference) gives 0x7fc00000.
+  const float reduced = block_max_nan(m);
+  const float absmax = isnan(reduced) ? __int_as_float(0x7fc00000) : reduced;
   if (threadIdx.x == 0) row_stats[row] = absmax;
   const float scale = __fmul_rn(__fdiv_rn(1.0f, absmax), 127.0f);
 
