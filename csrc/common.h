@@ -238,6 +238,10 @@ inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opt
 
 }  // namespace nf4kit
 
-// Dispatch on the floating input/output dtype: scalar_t is float, at::Half or at::BFloat16.
-#define NF4KIT_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+// Dispatch on the floating input/output dtype: scalar_t is float, at::Half or at::BFloat16 (no
+// double: every op rejects it, so no kernel is compiled for it).
+#define NF4KIT_DISPATCH_FLOAT(TYPE, NAME, ...)                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                       \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

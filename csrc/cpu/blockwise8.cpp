@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -108,8 +109,16 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A_, const at::Tensor& absm
   const float* am = absmax.data_ptr<float>();
   NF4KIT_DISPATCH_FLOAT(dtype, "dequantize_blockwise_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, cpu::kGrainElements, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(c[q[i]] * am[i / blocksize]);
+    cpu::for_each_block(n, blocksize, [&](int64_t b, int64_t start, int64_t len) {
+      const float s = am[b];
+      // Long blocks convert the 256 possible values once (the same float32 products).
+      if (len >= 1024 && !std::is_same_v<scalar_t, float>) {
+        scalar_t table[256];
+        for (int k = 0; k < 256; ++k) table[k] = static_cast<scalar_t>(c[k] * s);
+        for (int64_t i = start; i < start + len; ++i) o[i] = table[q[i]];
+      } else {
+        for (int64_t i = start; i < start + len; ++i) o[i] = static_cast<scalar_t>(c[q[i]] * s);
+      }
     });
   });
   return out;

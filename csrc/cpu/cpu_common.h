@@ -2,11 +2,13 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 
 namespace nf4kit {
 namespace cpu {
@@ -16,17 +18,30 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 inline int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
 
-// max |x| over x[0, len) in float32, NaN when any element is NaN (as torch.amax propagates NaN).
+// The raw bits of a float type, as the unsigned integer of its width.
+template <typename scalar_t> struct Bits;
+template <> struct Bits<float> { using type = uint32_t; static constexpr uint32_t kAbsMask = 0x7FFFFFFFu; };
+template <> struct Bits<c10::Half> { using type = uint16_t; static constexpr uint16_t kAbsMask = 0x7FFF; };
+template <> struct Bits<c10::BFloat16> { using type = uint16_t; static constexpr uint16_t kAbsMask = 0x7FFF; };
+
+// max |x| over x[0, len), as float32; NaN when any element is NaN (as torch.amax propagates NaN).
+// Done on the bits: with the sign cleared, integer order is magnitude order and every NaN sorts
+// above infinity, so an integer max (which vectorizes) finds the absmax and propagates NaN. The
+// conversion to float32 is monotonic, so converting only the maximum is exact.
 template <typename scalar_t>
 float block_absmax(const scalar_t* x, int64_t len) {
-  float m = 0.0f;
-  bool nan = false;
+  using U = typename Bits<scalar_t>::type;
+  static_assert(sizeof(U) == sizeof(scalar_t), "bit type of the wrong width");
+  U m = 0;
   for (int64_t i = 0; i < len; ++i) {
-    const float a = std::fabs(static_cast<float>(x[i]));
-    m = a > m ? a : m;
-    nan |= a != a;
+    U u;
+    std::memcpy(&u, x + i, sizeof(U));
+    u &= Bits<scalar_t>::kAbsMask;
+    m = u > m ? u : m;
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  scalar_t v;
+  std::memcpy(&v, &m, sizeof(U));
+  return static_cast<float>(v);
 }
 
 // torch.clamp(v, -1, 1): NaN stays NaN.

@@ -18,40 +18,56 @@ using cpu::for_each_block;
 // torch.clamp(v, min=lo): NaN stays NaN.
 inline float clamp_min(float v, float lo) { return v < lo ? lo : v; }
 
-// Code index of each scaled value of one block: y = x * recip (full block) or x / divisor
-// (partial last block), clamped to [-1, 1], bucketed among the sorted midpoints.
-template <typename scalar_t, QuantType QT, bool kPartial>
-void block_codes(const scalar_t* x, int64_t len, float scale, const Code4Tables& t, uint8_t* q) {
+// Sorted-code position (bucket) of each value of one block: y = x * recip (full block) or
+// x / divisor (partial last block), clamped to [-1, 1], among the 15 sorted midpoints. The block
+// is first widened to float32 in its own loop so that both loops vectorize.
+template <typename scalar_t, bool kPartial>
+void block_buckets(const scalar_t* x, int64_t len, float scale, const float* mids_, uint8_t* q) {
+  float v[4096];
+  for (int64_t i = 0; i < len; ++i) v[i] = static_cast<float>(x[i]);
   float mids[15];
-  std::copy(t.mids, t.mids + 15, mids);
+  std::copy(mids_, mids_ + 15, mids);
   for (int64_t i = 0; i < len; ++i) {
-    const float v = static_cast<float>(x[i]);
-    const float y = clamp_unit(kPartial ? v / scale : v * scale);
-    const int b = bucket15(y, mids);
-    q[i] = QT == QuantType::NF4 ? static_cast<uint8_t>(b) : t.order[b];
+    const float y = clamp_unit(kPartial ? v[i] / scale : v[i] * scale);
+    q[i] = static_cast<uint8_t>(bucket15(y, mids));
   }
 }
+
+// The packed byte of each pair of buckets: code index order[hi] << 4 | order[lo] (identity for
+// NF4, whose code is sorted).
+struct PairTable {
+  uint8_t byte[256];
+  explicit PairTable(const Code4Tables& t) {
+    for (int k = 0; k < 256; ++k) byte[k] = static_cast<uint8_t>((t.order[k >> 4] << 4) | t.order[k & 15]);
+  }
+};
 
 template <typename scalar_t, QuantType QT>
 void quantize_4bit_cpu_kernel(const scalar_t* x, int64_t n, int64_t blocksize, uint8_t* packed,
                               float* absmax) {
   const Code4Tables t = make_code4_tables(QT);
+  const PairTable pairs_of(t);
+  // A trailing odd element pairs with 0.0, whose bucket is the position of zero_code.
+  const uint8_t zero_bucket = static_cast<uint8_t>(bucket15(0.0f, t.mids));
   for_each_block(n, blocksize, [&](int64_t b, int64_t start, int64_t len) {
     uint8_t q[4096];
     const float am = block_absmax(x + start, len);
     if (len == blocksize) {
       absmax[b] = am;
-      block_codes<scalar_t, QT, false>(x + start, len, 1.0f / clamp_min(am, kTinyAbsmax), t, q);
+      block_buckets<scalar_t, false>(x + start, len, 1.0f / clamp_min(am, kTinyAbsmax), t.mids, q);
     } else {
       const float divisor = clamp_min(am, kTinyAbsmax);
       absmax[b] = divisor;
-      block_codes<scalar_t, QT, true>(x + start, len, divisor, t, q);
+      block_buckets<scalar_t, true>(x + start, len, divisor, t.mids, q);
     }
     // blocksize is even, so a block starts on a byte; only the very last one can be odd.
     uint8_t* out = packed + start / 2;
     const int64_t pairs = len / 2;
-    for (int64_t i = 0; i < pairs; ++i) out[i] = static_cast<uint8_t>((q[2 * i] << 4) | q[2 * i + 1]);
-    if (len % 2) out[pairs] = static_cast<uint8_t>((q[len - 1] << 4) | t.zero_code);
+    for (int64_t i = 0; i < pairs; ++i) {
+      const uint8_t bb = static_cast<uint8_t>((q[2 * i] << 4) | q[2 * i + 1]);
+      out[i] = QT == QuantType::NF4 ? bb : pairs_of.byte[bb];
+    }
+    if (len % 2) out[pairs] = pairs_of.byte[(q[len - 1] << 4) | zero_bucket];
   });
 }
 
