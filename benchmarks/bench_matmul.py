@@ -27,6 +27,7 @@ os.environ.setdefault("NF4KIT_POISON", "0")  # timing: outputs not pre-filled
 LAYERS = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (K = in, N = out)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root (nf4kit built in place)
 
 
 @contextmanager

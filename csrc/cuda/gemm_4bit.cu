@@ -11,12 +11,11 @@
 //    mma.sync m16n8k16 with float32 accumulators.
 //  * generic (any K, any dtype incl. float32, small M): one warp per output feature, element by
 //    element, exact float32 decode; also the float32 path.
-//  * dequantize + cuBLAS (large M, or shapes the fast kernels do not take): the dequantize_4bit op
-//    then one at::mm / at::addmm.
+//  * dequantize + cuBLAS (large M, or shapes the fast kernels do not take): W dequantized to A's
+//    dtype exactly as dequantize_4bit does (dequant_rows_kernel), then one at::mm / at::addmm.
 // All offsets into W and A are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdio>
@@ -481,6 +480,51 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm4_generic_kernel(const
 }
 
 // =============================================================================================
+// W (or a range of its rows) dequantized to T for the cuBLAS path, exactly as dequantize_4bit
+// does it (code * absmax in float32, one rounding). Flat elements [e0, e0 + n) -> out[0, n).
+// With e0 % 32 == 0 every 32-element chunk is one 16-byte load, one absmax and 16-byte stores;
+// otherwise (odd K slices) element by element.
+// =============================================================================================
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_rows_kernel(const GemmParams p, int64_t e0, int64_t n, T* out) {
+  __shared__ float code8[256];
+  __shared__ float code[16];
+  const float off = stage_nested(p.absmax, code8);
+  if (threadIdx.x < 16) code[threadIdx.x] = p.code[threadIdx.x];
+  __syncthreads();
+  using cuda_t = typename DType<T>::cuda_t;
+  cuda_t* o = reinterpret_cast<cuda_t*>(out);
+  const bool vec = (e0 & 31) == 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ch * 32 < n; ch += stride) {
+    const int64_t s = ch * 32, e = e0 + s;
+    if (vec && s + 32 <= n) {
+      const uint4 w = load16_stream(p.packed + e / 2);
+      const float scale = finish_scale(p.absmax, load_scale(p.absmax, e >> p.bs_shift), code8, off);
+      constexpr int kPer = kPerVec<T>;
+#pragma unroll
+      for (int v = 0; v < 32 / kPer; ++v) {
+        float f[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int idx = v * kPer + j;  // element of the chunk: byte idx / 2, high nibble first
+          const uint32_t byte = (word(w, idx / 8) >> (8 * ((idx / 2) & 3))) & 0xFFu;
+          f[j] = __fmul_rn(code[(idx & 1) ? (byte & 15u) : (byte >> 4)], scale);
+        }
+        store16_stream(o + s + v * kPer, pack16<T>(f));
+      }
+    } else {
+      for (int64_t i = s; i < std::min<int64_t>(s + 32, n); ++i) {
+        const int64_t ei = e0 + i;
+        const uint32_t byte = p.packed[ei >> 1];
+        const float scale = finish_scale(p.absmax, load_scale(p.absmax, ei >> p.bs_shift), code8, off);
+        o[i] = DType<T>::from_float(__fmul_rn(code[(ei & 1) ? (byte & 15u) : (byte >> 4)], scale));
+      }
+    }
+  }
+}
+
+// =============================================================================================
 // Host side
 // =============================================================================================
 enum class Path { Auto, Skinny, TensorCore, Dequant, Generic };
@@ -523,29 +567,15 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   return p;
 }
 
-// W dequantized to `dtype` by the dequantize_4bit op (its CUDA kernel, csrc/cuda/dequantize_4bit.cu).
-at::Tensor dequantize_weight(const Gemm4bitArgs& a, at::ScalarType dtype) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("nf4kit::dequantize_4bit", "");
-  std::vector<c10::IValue> stack;
-  stack.emplace_back(a.packed);
-  stack.emplace_back(a.absmax);
-  if (a.nested) {
-    stack.emplace_back(a.nested_absmax);
-    stack.emplace_back(a.nested_code);
-    stack.emplace_back(a.offset);
-  } else {
-    stack.emplace_back();
-    stack.emplace_back();
-    stack.emplace_back();
-  }
-  stack.emplace_back(a.blocksize);
-  stack.emplace_back(a.nested_blocksize);
-  stack.emplace_back(std::string(a.qt == QuantType::NF4 ? "nf4" : "fp4"));
-  stack.emplace_back(std::vector<int64_t>{a.N, a.K});
-  stack.emplace_back(dtype);
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
+// Rows [r0, r0 + rows) of W dequantized to the output dtype, into out ([rows, K], contiguous).
+template <typename T>
+void launch_dequant_rows(const GemmParams& p, int64_t r0, int64_t rows, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = rows * p.K;
+  if (n == 0) return;
+  auto* kernel = &dequant_rows_kernel<T>;
+  const int64_t grid = resident_grid(kernel, 256, ceil_div(ceil_div(n, 32), 256));
+  kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(p, r0 * p.K, n, out.data_ptr<T>());
+  NF4KIT_LAUNCH_CHECK();
 }
 
 // Raises a kernel's dynamic shared-memory limit, once per kernel and device.
@@ -627,7 +657,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   at::Tensor pk = a.packed;
   const bool half = dtype != at::kFloat;
   const bool mma_ok = half && a.K % 32 == 0 && at::cuda::getCurrentDeviceProperties()->major >= 8;
-  if (mma_ok && !aligned16(pk.data_ptr())) pk = pk.clone();
+  if (!aligned16(pk.data_ptr())) pk = pk.clone();  // 16-byte loads of W
 
   Path path = path_override();
   if (path == Path::Skinny && !(mma_ok && a.M <= 32)) path = Path::Auto;
@@ -641,14 +671,15 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const GemmParams p = make_params(a, out, pk);
   if (path == Path::Dequant) {
-    const at::Tensor W = dequantize_weight(a, dtype);
+    at::Tensor W = at::empty({a.N, a.K}, A.options());
+    NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "gemm_4bit_dequant", [&] { launch_dequant_rows<scalar_t>(p, 0, a.N, W, stream); });
     at::Tensor out2 = out.view({a.M, a.N});
     if (a.bias.defined()) at::addmm_out(out2, a.bias.to(dtype), a.A2, W.t());
     else at::mm_out(out2, a.A2, W.t());
     return out;
   }
-  const GemmParams p = make_params(a, out, pk);
   if (path == Path::Generic) {
     NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "gemm_4bit_generic", [&] { launch_generic<scalar_t>(p, stream); });
     return out;
