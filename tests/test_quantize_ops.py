@@ -69,6 +69,47 @@ def test_dequantize_4bit(device, quant_type, blocksize, nested):
                 assert_same_bits(out, ops.dequantize_4bit(packed, *call), "vs CPU op " + what)
 
 
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_dequantize_4bit_extreme_absmax(device, quant_type):
+    """Products that overflow fp16/bf16 to inf, land in their subnormals, or are float32 subnormals;
+    NaN and inf absmax; every code against each."""
+    absmax = torch.tensor([1e5, 7e4, 65504.0, 3e38, 1e-5, 6e-8, 1e-39, 1e-45, 0.0, float("nan"), float("inf"), 1.0])
+    blocksize = 32
+    codes = torch.arange(32, dtype=torch.uint8) % 16
+    packed = ((codes[0::2] << 4) | codes[1::2]).repeat(absmax.numel())
+    n = blocksize * absmax.numel()
+    for dtype in FLOAT_DTYPES:
+        call = (absmax, None, None, None, blocksize, 256, quant_type, [n], dtype)
+        assert_same_bits(ops.dequantize_4bit(*on(device, packed, *call)), R.dequantize_4bit(packed, *call),
+                         f"{quant_type} {dtype}")
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_vector_paths_agree(monkeypatch, dtype, quant_type):
+    """The CPU kernels' AVX2 path and the baseline path (NF4KIT_CPU_NO_AVX2=1) give the same bits
+    (and the reference's); on machines without AVX2 both runs take the baseline path."""
+    x = make_input((37, 301), dtype)
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (x.numel() // 2 + 1,), generator=g, dtype=torch.uint8)
+    results = []
+    for off in ("0", "1"):
+        monkeypatch.setenv("NF4KIT_CPU_NO_AVX2", off)
+        for blocksize in (32, 64, 4096):
+            p, a = ops.quantize_4bit(x, blocksize, quant_type)
+            absmax = torch.rand(-(-x.numel() // blocksize), generator=torch.Generator().manual_seed(blocksize))
+            call = (absmax, None, None, None, blocksize, 256, quant_type, [x.numel()], dtype)
+            d = ops.dequantize_4bit(packed, *call)
+            assert_same_bits(p, R.quantize_4bit(x, blocksize, quant_type)[0], f"quantize NO_AVX2={off}")
+            assert_same_bits(d, R.dequantize_4bit(packed, *call), f"dequantize NO_AVX2={off}")
+            results.append((p, a, d))
+    half = len(results) // 2
+    for (p0, a0, d0), (p1, a1, d1) in zip(results[:half], results[half:]):
+        assert_same_bits(p0, p1)
+        assert_same_bits(a0, a1)
+        assert_same_bits(d0, d1)
+
+
 def test_dequantize_4bit_fp4_negative_zero_is_positive_zero(device):
     packed = torch.tensor([0x88, 0x08, 0x80], dtype=torch.uint8)
     out = ops.dequantize_4bit(*on(device, packed, torch.tensor([2.0])), None, None, None, 32, 256, "fp4", [6],
