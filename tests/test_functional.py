@@ -70,6 +70,14 @@ def test_quantize_4bit_matches_bitsandbytes(dtype, quant_type, blocksize, nested
         check_4bit_against_bnb(make_input(shape, dtype, seed=i), blocksize, quant_type, nested, storage)
 
 
+@pytest.mark.parametrize("shape", [(1,), (2,), (7,), (1, 1), (1, 3), (5, 1), (64,), (65,)])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_tiny_and_vector_shapes_match_bitsandbytes(quant_type, shape):
+    for nested in (False, True):
+        for dtype in FLOAT_DTYPES:
+            check_4bit_against_bnb(make_input(shape, dtype), 64, quant_type, nested, torch.uint8)
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 def test_quant_storage_every_dtype(storage):
     for nested in (False, True):
