@@ -6,22 +6,47 @@
 set -o pipefail
 OUT=${OUT:-/tmp/nf4kit_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-quantize_4bit.cu,dequantize_4bit.cu,blockwise8.cu}
+MINE=tests/test_cuda_kernels.py
+
+build() {
+  local start=$(date +%s)
+  python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+}
+run_tests() {  # timeout, -k expression, test files; returns pytest's status
+  echo "=== $3 -k '$2'" >> "$OUT/tests.log"
+  NF4KIT_RESULTS_DIR=$OUT timeout "$1" python3 -m pytest $3 -q -rs --maxfail=15 -p no:cacheprovider -k "$2" \
+    >> "$OUT/tests.log" 2>&1
+  local rc=$?
+  echo "tests [$2] rc=$rc: $(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)"
+  return $rc
+}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/bench.log"
-start=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+build
 
-NF4KIT_RESULTS_DIR=$OUT timeout ${TEST_TIMEOUT:-330} python3 -m pytest ${TESTS:-tests/test_cuda_kernels.py tests/test_quantize_ops.py} \
-  -q -rs --maxfail=15 -p no:cacheprovider > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+# Toolchain probes: integer formatting through iostreams in _C, from a .cpp and from a .cu TU.
+SO=$(ls nf4kit/_C*.so)
+{ echo "=== probes"; ldd "$SO" | grep -i stdc; echo "_M_insert defined in _C: $(nm -C --defined-only "$SO" | grep -c '_M_insert<long>')"; } >> "$OUT/build.log"
+python3 -c "import torch, nf4kit; print('cpu dequantize (c10::str in .cpp):', torch.ops.nf4kit.dequantize_4bit(torch.zeros(1, dtype=torch.uint8), torch.ones(1), None, None, None, 32, 256, 'nf4', [1], torch.float16))" >> "$OUT/build.log" 2>&1; echo "probe cpu rc=$?" | tee -a "$OUT/build.log"
+python3 -c "
+import torch, nf4kit
+try: torch.ops.nf4kit.quantize_4bit(torch.ones(64, device='cuda'), 48, 'nf4')
+except Exception as e: print('bad blocksize from .cu raised:', type(e).__name__, str(e).splitlines()[0])" >> "$OUT/build.log" 2>&1; echo "probe cu error path rc=$?" | tee -a "$OUT/build.log"
+
+QK="quantize_4bit and not dequantize and not bitsandbytes and not 2_pow and not crash_shape and not round_trip"
+DK="dequantize_4bit and not bitsandbytes"
+run_tests 120 "$QK" $MINE
+run_tests 120 "$DK" $MINE
+run_tests 200 "not ($QK) and not ($DK)" $MINE
+run_tests 150 "" tests/test_quantize_ops.py
+grep -E "^(FAILED|ERROR)|Segmentation" "$OUT/tests.log" | head -20
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-timeout 120 "$SAN" --tool memcheck --error-exitcode 9 python3 benchmarks/bench_quantize.py --sanitize > "$OUT/sanitizer.log" 2>&1
-echo "sanitizer rc=$?"; tail -3 "$OUT/sanitizer.log"
+timeout 100 "$SAN" --tool memcheck --error-exitcode 9 python3 benchmarks/bench_quantize.py --sanitize > "$OUT/sanitizer.log" 2>&1
+echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|sanitize run|Error" "$OUT/sanitizer.log" | head -5
 
-timeout 150 python3 benchmarks/bench_quantize.py --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -25
+timeout 140 python3 benchmarks/bench_quantize.py --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -v "^|" | tail -16

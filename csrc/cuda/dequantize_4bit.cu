@@ -1,12 +1,10 @@
 // CUDA kernel of dequantize_4bit (NF4 / FP4), bit for bit nf4kit/reference.py, with a nested
 // (8-bit) absmax decoded in the same kernel.
 //
-// A warp owns 1024 consecutive elements per step, as rows of 16-byte output vectors: row r,
-// lane i writes vector r * 32 + i (8 elements, or 4 for float32) and reads its 4 (or 2) packed
-// bytes, so every load and store of the warp is one contiguous, fully used span. A vector never
-// straddles a quant block (every blocksize is a multiple of 32), so it takes one absmax. All
-// loads of a step are issued before the first store; a persistent grid strides over the rest.
-// All offsets are 64-bit.
+// Each thread owns chunks of 32 elements: one 16-byte load of packed codes, one absmax (every
+// blocksize is a multiple of 32, so a chunk never straddles blocks), 64 or 128 bytes written as
+// 16-byte stores. Two chunks per thread per step keep more loads in flight; a persistent grid
+// strides over the rest. All offsets are 64-bit.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -16,36 +14,51 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kPerThread = 32;                         // elements per thread per step
-constexpr int64_t kWarpSpan = 32 * kPerThread;         // 1024
-constexpr int64_t kTile = kWarps * kWarpSpan;          // 8192
+constexpr int kChunk = 32;   // elements per chunk (16 packed bytes)
+constexpr int kUnroll = 2;   // chunks per thread per step
 
-// E / 2 packed bytes of the vector starting at element e0 (E = 8 or 4), little-endian; bytes
-// past the end read as 0.
-template <int E>
-__device__ __forceinline__ uint32_t load_codes(const uint8_t* __restrict__ packed, int64_t e0, int64_t nbytes) {
-  const int64_t b0 = e0 / 2;
-  if (b0 + E / 2 <= nbytes) {
-    if constexpr (E == 8) {
-      return __ldcs(reinterpret_cast<const unsigned int*>(packed + b0));
-    } else {
-      return __ldcs(reinterpret_cast<const unsigned short*>(packed + b0));
-    }
-  }
-  uint32_t w = 0;
+// The thread's 16 packed bytes as four little-endian words; past the end of the stream, 0.
+__device__ __forceinline__ uint4 load_codes(const uint8_t* __restrict__ packed, int64_t base, int64_t nbytes) {
+  const int64_t b0 = base / 2;
+  if (b0 + kChunk / 2 <= nbytes) return load16_stream(packed + b0);
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int b = 0; b < E / 2; ++b)
-    if (b0 + b < nbytes) w |= uint32_t{packed[b0 + b]} << (8 * b);
-  return w;
+  for (int b = 0; b < kChunk / 2; ++b)
+    if (b0 + b < nbytes) w[b / 4] |= uint32_t{packed[b0 + b]} << (8 * (b & 3));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Element e (0..31) of the chunk: byte e/2, high nibble for even e.
+__device__ __forceinline__ uint32_t nibble(const uint32_t (&w)[4], int e) {
+  return (w[e / 8] >> (8 * ((e / 2) & 3) + ((e & 1) ? 0 : 4))) & 15u;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void write_chunk(scalar_t* __restrict__ out, int64_t base, int64_t n, uint4 codes,
+                                            float scale, const float* s_decode) {
+  constexpr int kPer = kPerVec<scalar_t>;
+  const uint32_t w[4] = {codes.x, codes.y, codes.z, codes.w};
+  if (base + kChunk <= n) {
+#pragma unroll
+    for (int v = 0; v < kChunk / kPer; ++v) {
+      float f[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) f[j] = __fmul_rn(s_decode[nibble(w, v * kPer + j)], scale);
+      store16_stream(out + base + v * kPer, pack16<scalar_t>(f));
+    }
+  } else {
+    using T = typename DType<scalar_t>::cuda_t;
+    T* o = reinterpret_cast<T*>(out);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e)
+      if (base + e < n) o[base + e] = DType<scalar_t>::from_float(__fmul_rn(s_decode[nibble(w, e)], scale));
+  }
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, AbsmaxSource src, int64_t n, int log2_blocksize,
                            Code4Tables tables, scalar_t* __restrict__ out) {
-  constexpr int E = kPerVec<scalar_t>;  // elements per 16-byte output vector
-  constexpr int R = kPerThread / E;     // rows per warp step
   __shared__ float s_decode[16];
   __shared__ float s_code8[256];
   const bool nested = src.absmax_f32 == nullptr;
@@ -55,38 +68,25 @@ __global__ void __launch_bounds__(kThreads)
   const float offset = nested ? __ldg(src.offset) : 0.0f;
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
   const int64_t nbytes = (n + 1) / 2;
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    const int64_t wbase = tile * kTile + warp * kWarpSpan;
-    uint32_t codes[R];
-    float scale[R];
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; c0 < nchunks;
+       c0 += step) {
+    uint4 codes[kUnroll];
+    float scale[kUnroll];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {  // every load of the step first
-      const int64_t e0 = wbase + static_cast<int64_t>(r * 32 + lane) * E;
-      if (e0 < n) {
-        codes[r] = load_codes<E>(packed, e0, nbytes);
-        scale[r] = src.get(e0 >> log2_blocksize, s_code8, offset);
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the step first
+      const int64_t c = c0 + u * kThreads;
+      if (c < nchunks) {
+        codes[u] = load_codes(packed, c * kChunk, nbytes);
+        scale[u] = src.get((c * kChunk) >> log2_blocksize, s_code8, offset);
       }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t e0 = wbase + static_cast<int64_t>(r * 32 + lane) * E;
-      if (e0 >= n) continue;
-      float v[E];
-#pragma unroll
-      for (int j = 0; j < E; ++j)  // element j: byte j / 2, high nibble for even j
-        v[j] = __fmul_rn(s_decode[(codes[r] >> (8 * (j / 2) + ((j & 1) ? 0 : 4))) & 15u], scale[r]);
-      if (e0 + E <= n) {
-        store16_stream(out + e0, pack16<scalar_t>(v));
-      } else {
-        using T = typename DType<scalar_t>::cuda_t;
-        T* o = reinterpret_cast<T*>(out);
-#pragma unroll
-        for (int j = 0; j < E; ++j)
-          if (e0 + j < n) o[e0 + j] = DType<scalar_t>::from_float(v[j]);
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * kThreads;
+      if (c < nchunks) write_chunk(out, c * kChunk, n, codes[u], scale[u], s_decode);
     }
   }
 }
@@ -123,7 +123,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "dequantize_4bit_cuda", [&] {
     auto* kernel = &dequantize_4bit_kernel<scalar_t>;
-    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(n, kTile));
+    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kChunk), kThreads * kUnroll));
     kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(bytes, src, n, log2_bs, tables,
                                                                  out.data_ptr<scalar_t>());
     NF4KIT_LAUNCH_CHECK();

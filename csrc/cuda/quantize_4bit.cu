@@ -1,11 +1,10 @@
 // CUDA kernel of quantize_4bit (NF4 / FP4), bit for bit nf4kit/reference.py.
 //
-// One pass over the input. A warp owns 1024 consecutive elements per step, as rows of 16-byte
-// vectors: row r, lane i holds vector r * 32 + i, so every load (16 B per lane) and every store
-// (4 or 2 B of codes per lane) of the warp is one contiguous, fully used span. The absmax of a
-// quant block is reduced across the lanes (and rows, and warps through shared memory) that hold
-// it; then every lane scales, buckets and packs its own vectors. A persistent grid strides over
-// tiles of 8192 elements; all offsets are 64-bit.
+// One pass over the input: each thread owns 32 consecutive elements (two to four 16-byte loads,
+// one 16-byte store of packed codes). The BS / 32 threads of a quant block reduce its absmax with
+// warp shuffles (through shared memory when a block spans warps), then every thread scales,
+// buckets and packs its own 32 elements. A persistent grid strides over tiles of 8192 elements;
+// all offsets are 64-bit.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -15,10 +14,29 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kChunk = 32;                                   // elements per thread per tile
+constexpr int64_t kTile = static_cast<int64_t>(kThreads) * kChunk;  // 8192 >= every blocksize
 constexpr int kWarps = kThreads / 32;
-constexpr int kPerThread = 32;                                              // elements per thread per tile
-constexpr int64_t kWarpSpan = 32 * kPerThread;                              // 1024
-constexpr int64_t kTile = kWarps * kWarpSpan;                               // 8192 >= every blocksize
+
+// The thread's 32 elements as float32: 16-byte loads for a whole chunk, element loads (zeros
+// past n) for the one chunk that straddles the end.
+template <typename scalar_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ x, int64_t base, int64_t n,
+                                           float (&f)[kChunk]) {
+  using T = typename DType<scalar_t>::cuda_t;
+  constexpr int kVecs = kChunk / kPerVec<scalar_t>;
+  if (base + kChunk <= n) {
+    uint4 v[kVecs];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) v[k] = load16_stream(x + base + k * kPerVec<scalar_t>);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) unpack16<scalar_t>(v[k], f + k * kPerVec<scalar_t>);
+  } else {
+    const T* xt = reinterpret_cast<const T*>(x);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) f[k] = base + k < n ? DType<scalar_t>::to_float(xt[base + k]) : 0.0f;
+  }
+}
 
 // Code index of a scaled value: binary search for the number of midpoints y is not <= to
 // (= bucket15 for sorted midpoints; NaN -> 15), then the code at that sorted position. The first
@@ -40,9 +58,6 @@ template <typename scalar_t, QuantType QT>
 __global__ void __launch_bounds__(kThreads)
     quantize_4bit_kernel(const scalar_t* __restrict__ x, int64_t n, int log2_blocksize, Code4Tables tables,
                          uint8_t* __restrict__ packed, float* __restrict__ absmax) {
-  using T = typename DType<scalar_t>::cuda_t;
-  constexpr int E = kPerVec<scalar_t>;  // elements per 16-byte vector: 8, or 4 for float32
-  constexpr int R = kPerThread / E;     // rows per warp step: 4, or 8 for float32
   __shared__ float s_mids[16];
   __shared__ uint32_t s_order[16];
   __shared__ float s_red[2][kWarps];
@@ -53,103 +68,66 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   const int64_t blocksize = int64_t{1} << log2_blocksize;
-  const int lanes = static_cast<int>(blocksize / E);  // lanes of one row per block (may exceed 32)
-  const int rows = lanes / 32;                         // rows per block when a block spans rows
+  const int group = static_cast<int>(blocksize / kChunk);  // threads per quant block: 1..128
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t ntiles = (n + kTile - 1) / kTile;
   const int64_t nbytes = (n + 1) / 2;
   int parity = 0;
 
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    const int64_t wbase = tile * kTile + warp * kWarpSpan;
-    float f[R][E];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {  // every load of the step first
-      const int64_t e0 = wbase + static_cast<int64_t>(r * 32 + lane) * E;
-      if (e0 + E <= n) {
-        unpack16<scalar_t>(load16_stream(x + e0), f[r]);
-      } else {
-        const T* xt = reinterpret_cast<const T*>(x);
-#pragma unroll
-        for (int j = 0; j < E; ++j) f[r][j] = e0 + j < n ? DType<scalar_t>::to_float(xt[e0 + j]) : 0.0f;
-      }
-    }
+    const int64_t base = tile * kTile + static_cast<int64_t>(threadIdx.x) * kChunk;
+    float f[kChunk];
+    load_chunk(x, base, n, f);
 
-    // absmax of each quant block (NaN wins): per vector, across the lanes of a row, across rows,
-    // across warps.
-    float m[R];
+    // absmax of the quant block: this thread's part, then across the group (NaN wins).
+    float m = 0.0f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      m[r] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < E; ++j) m[r] = max_nan(m[r], fabsf(f[r][j]));
-    }
-    for (int o = 1; o < lanes && o < 32; o <<= 1) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) m[r] = max_nan(m[r], __shfl_xor_sync(0xffffffffu, m[r], o));
-    }
-#pragma unroll
-    for (int s = 1; s < R; s <<= 1) {  // a block spanning `rows` rows of this warp
-      if (s < rows) {
-        float t[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) t[r] = max_nan(m[r], m[r ^ s]);
-#pragma unroll
-        for (int r = 0; r < R; ++r) m[r] = t[r];
-      }
-    }
-    if (rows > R) {  // a block spanning rows / R warps (blocksize 2048 / 4096)
-      if (lane == 0) s_red[parity][warp] = m[0];  // all rows hold the warp's max now
+    for (int k = 0; k < kChunk; ++k) m = max_nan(m, fabsf(f[k]));
+    for (int o = 1; o < group && o < 32; o <<= 1) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (group > 32) {  // 2048 / 4096: the block spans group / 32 warps
+      if (lane == 0) s_red[parity][warp] = m;
       __syncthreads();
-      const int wpb = rows / R, w0 = warp & ~(wpb - 1);
-      float mw = s_red[parity][w0];
-      for (int j = 1; j < wpb; ++j) mw = max_nan(mw, s_red[parity][w0 + j]);
-#pragma unroll
-      for (int r = 0; r < R; ++r) m[r] = mw;
+      const int wpg = group / 32, w0 = warp & ~(wpg - 1);
+      m = s_red[parity][w0];
+      for (int j = 1; j < wpg; ++j) m = max_nan(m, s_red[parity][w0 + j]);
       parity ^= 1;  // the next tile writes the other half: one barrier per tile suffices
     }
+    if (base >= n) continue;  // wholly past the end (no barrier follows in this tile)
 
+    const int64_t block = base >> log2_blocksize;
+    const bool partial = (block + 1) * blocksize > n;  // only the last block can be partial
+    // Full block: multiply by float32(1 / max(absmax, 1e-38)), keep absmax. Partial block:
+    // divide by max(absmax, 1e-38) and store that. (No clamp to [-1, 1]: |y| exceeds 1 by at
+    // most an ulp, and every midpoint lies strictly inside (-1, 1), so the bucket is the same.)
+    const float clamped = clamp_min_nan(m, kTinyAbsmax);
+    if ((threadIdx.x & (group - 1)) == 0) absmax[block] = partial ? clamped : m;
+
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+    if (!partial) {
+      const float recip = __frcp_rn(clamped);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t e0 = wbase + static_cast<int64_t>(r * 32 + lane) * E;
-      if (e0 >= n) continue;
-      const int64_t block = e0 >> log2_blocksize;
-      const bool partial = (block + 1) * blocksize > n;  // only the last block can be partial
-      // Full block: multiply by float32(1 / max(absmax, 1e-38)), keep absmax. Partial block:
-      // divide by max(absmax, 1e-38) and store that. (No clamp to [-1, 1]: |y| exceeds 1 by at
-      // most an ulp, and every midpoint lies strictly inside (-1, 1), so the bucket is the same.)
-      const float clamped = clamp_min_nan(m[r], kTinyAbsmax);
-      if ((e0 & (blocksize - 1)) == 0) absmax[block] = partial ? clamped : m[r];
-      uint32_t w = 0;
-      if (!partial) {
-        const float recip = __frcp_rn(clamped);
-#pragma unroll
-        for (int j = 0; j < E; j += 2)
-          w |= ((code_of<QT>(__fmul_rn(f[r][j], recip), tables, s_mids, s_order) << 4) |
-                code_of<QT>(__fmul_rn(f[r][j + 1], recip), tables, s_mids, s_order))
-               << (4 * j);
-      } else {
-#pragma unroll
-        for (int j = 0; j < E; j += 2) {
-          // Past the end the value is 0.0 (an odd count's trailing low nibble holds 0's code).
-          const float y0 = e0 + j < n ? __fdiv_rn(f[r][j], clamped) : 0.0f;
-          const float y1 = e0 + j + 1 < n ? __fdiv_rn(f[r][j + 1], clamped) : 0.0f;
-          w |= ((code_of<QT>(y0, tables, s_mids, s_order) << 4) | code_of<QT>(y1, tables, s_mids, s_order))
-               << (4 * j);
-        }
+      for (int k = 0; k < kChunk; k += 2) {
+        const uint32_t byte = (code_of<QT>(__fmul_rn(f[k], recip), tables, s_mids, s_order) << 4) |
+                              code_of<QT>(__fmul_rn(f[k + 1], recip), tables, s_mids, s_order);
+        w[k / 8] |= byte << (8 * ((k / 2) & 3));
       }
-      const int64_t b0 = e0 / 2;
-      if (b0 + E / 2 <= nbytes) {
-        if constexpr (E == 8) {
-          __stcs(reinterpret_cast<unsigned int*>(packed + b0), w);
-        } else {
-          __stcs(reinterpret_cast<unsigned short*>(packed + b0), static_cast<unsigned short>(w));
-        }
-      } else {
+    } else {
 #pragma unroll
-        for (int b = 0; b < E / 2; ++b)
-          if (b0 + b < nbytes) packed[b0 + b] = static_cast<uint8_t>(w >> (8 * b));
+      for (int k = 0; k < kChunk; k += 2) {
+        // Past the end the value is 0.0 (an odd count's trailing low nibble holds 0's code).
+        const float y0 = base + k < n ? __fdiv_rn(f[k], clamped) : 0.0f;
+        const float y1 = base + k + 1 < n ? __fdiv_rn(f[k + 1], clamped) : 0.0f;
+        const uint32_t byte = (code_of<QT>(y0, tables, s_mids, s_order) << 4) | code_of<QT>(y1, tables, s_mids, s_order);
+        w[k / 8] |= byte << (8 * ((k / 2) & 3));
       }
+    }
+    const int64_t out = base / 2;
+    if (out + kChunk / 2 <= nbytes) {
+      store16_stream(packed + out, make_uint4(w[0], w[1], w[2], w[3]));
+    } else {
+#pragma unroll
+      for (int b = 0; b < kChunk / 2; ++b)
+        if (out + b < nbytes) packed[out + b] = static_cast<uint8_t>(w[b / 4] >> (8 * (b & 3)));
     }
   }
 }
