@@ -363,12 +363,6 @@ def quantize_4bit(
         offset = _absmax.mean()
         qabsmax, absmax2 = ops.quantize_nested_absmax(_absmax, offset.reshape(1), _dynamic_map(A.device),
                                                       NESTED_BLOCKSIZE)
-    # Every absmax is >= 0 or NaN, so NaN or inf anywhere makes their mean NaN or inf: when the mean
-    # is finite, so is every absmax, and one scalar (not all of absmax) decides. A non-finite mean of
-    # finite values (float32 overflow) falls through to the full check, which passes.
-    if check_finite and not (compress_statistics and _finite_scalar(offset)):
-        _check_finite(_absmax, "A")
-    if compress_statistics:
         state2 = QuantState(absmax=absmax2, code=_dynamic_map(A.device).clone(), blocksize=NESTED_BLOCKSIZE,
                             dtype=torch.float32)
         state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
@@ -376,6 +370,12 @@ def quantize_4bit(
     else:
         state = QuantState(absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type)
+    # The one wait for the GPU, last, after everything is queued. Every absmax is >= 0 or NaN, so NaN
+    # or inf anywhere makes their mean NaN or inf: when the mean is finite, so is every absmax, and
+    # one scalar (not all of absmax) decides. A non-finite mean of finite values (float32 overflow)
+    # falls through to the full check, which passes.
+    if check_finite and not (compress_statistics and _finite_scalar(offset)):
+        _check_finite(_absmax, "A")
     if quant_storage != torch.uint8:
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1)
