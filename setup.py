@@ -57,7 +57,7 @@ def rel(paths):
 
 with_cuda = want_cuda()
 sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch picks the C++ standard it needs
 define_macros = []
 extra = {"cxx": cxx_flags}
 
@@ -70,7 +70,7 @@ if with_cuda:
         cu = [p for p in cu if os.path.basename(p) in only]
     sources += rel(cu)
     define_macros.append(("NF4KIT_WITH_CUDA", "1"))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     nvcc += gencode_flags(archs)
