@@ -237,7 +237,7 @@ def tune(K=8192, N=28672, dtype_name="float16"):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         t_c = bench(lambda: TF.linear(A, W))
         res = []
-        for cfg in ("1,8", "2,4", "4,2", "8,1", "1,4", "2,2", "4,1", "1,2", "2,1"):
+        for cfg in ("8,1", "4,1", "8,2", "4,2", "8,3", "4,4"):
             with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_GEMV_CFG=cfg):
                 res.append((cfg, bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
         print(f"  M={M:3d} cublas {t_c:.4f} | " + " ".join(f"{c}:{t:.4f}({t_c / t:.2f}x)" for c, t in res), flush=True)
@@ -252,6 +252,19 @@ def tune(K=8192, N=28672, dtype_name="float16"):
             with env(NF4KIT_GEMM_PATH=path):
                 res.append((path, bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)))
         print(f"  M={M:4d} cublas {t_c:.4f} | " + " ".join(f"{p}:{t:.4f}({t_c / t:.2f}x)" for p, t in res), flush=True)
+
+
+def profile(path: str, M: int, K=8192, N=28672, reps=3):
+    """A few calls of one kernel on the big layer, for ncu (--launch-skip / --launch-count)."""
+    dtype = torch.float16
+    W = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
+    Bq, qs = quantize(W)
+    import nf4kit.functional as F
+    A = torch.randn(M, K, device="cuda", dtype=dtype)
+    with env(NF4KIT_GEMM_PATH=path):
+        for _ in range(reps):
+            F.matmul_4bit(A, Bq.t(), qs)
+    torch.cuda.synchronize()
 
 
 def sanitize():
@@ -293,12 +306,16 @@ if __name__ == "__main__":
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--plot", default=None, help="make the PNG from a saved matmul.json and exit")
+    ap.add_argument("--profile", default=None, help="PATH,M: a few calls of one kernel (for ncu)")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot)
         sys.exit(0)
     import torch
-    if args.sanitize:
+    if args.profile:
+        path, m = args.profile.split(",")
+        profile(path, int(m))
+    elif args.sanitize:
         sanitize()
     elif args.tune:
         tune()

@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
-STEPS=${STEPS:-build tests sanitize tune bench}
+STEPS=${STEPS:-build tests tune bench sanitize}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
@@ -47,7 +47,7 @@ print(f"dequantize_4bit probe rc={r.returncode}", r.stdout.strip(), r.stderr.str
 PY
   # groups in separate processes, so that a crash in one leaves the others' results
   for group in "reference or batch or one_output or gemv or non_contiguous or empty" "forced or cpu_op" \
-               "autograd or opcheck or bad_inputs or bitsandbytes"; do
+               "bad_inputs or bitsandbytes" "opcheck" "autograd"; do
     echo "=== -k '$group' ===" >> "$OUT/tests.log"
     timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_matmul.py -q -rs --maxfail=20 -p no:cacheprovider \
       -k "$group" ${TEST_ARGS:-} >> "$OUT/tests.log" 2>&1
@@ -66,6 +66,19 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_matmul.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   stamp "bench rc=$?"
   [ -f "$OUT/matmul.md" ] && grep -E "^\| (8192x28672|4096x4096) " "$OUT/matmul.md" | cut -d'|' -f2-7
+fi
+
+if has ncu; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for prof in ${PROFILES:-skinny,1 skinny,8 tc,64}; do
+    kname=$([[ $prof == tc* ]] && echo gemm4_tc || echo gemm4_${prof%%,*})
+    echo "=== ncu $prof ===" >> "$OUT/ncu.log"
+    timeout 90 "$NCU" --clock-control none --kernel-name regex:$kname --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section SchedulerStats --section LaunchStats python3 benchmarks/bench_matmul.py --profile $prof >> "$OUT/ncu.log" 2>&1
+    stamp "ncu $prof rc=$?"
+  done
+  grep -E "^=== ncu|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy|Issued Warp|No Eligible|Stall" "$OUT/ncu.log" | head -60
 fi
 
 if has sanitize; then

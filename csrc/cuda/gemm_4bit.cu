@@ -102,169 +102,241 @@ __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_
 // =============================================================================================
 // Skinny kernel (M <= 8 * NT <= 32)
 // =============================================================================================
-// Warp w of a block of RG * KS warps: row group rg = w % RG (32 rows of W: two m16 tiles),
-// K share ks = w / RG (128-wide chunks ks, ks + KS, ...). Thread (g = lane / 4, c = lane % 4)
-// copies, per chunk, 16 bytes (32 consecutive k) of each of its 4 rows (g, g + 8 of both tiles)
-// at k = chunk * 128 + 32 c. mma's k order is free as long as both operands agree: at step j
-// (0..7) the thread's k slots {2c, 2c+1 | 2c+8, 2c+9} are its elements {4j, 4j+1 | 4j+2, 4j+3},
-// i.e. packed bytes 2j and 2j+1, and the matching activations are 8 contiguous bytes of A.
-constexpr int kSkinnyStages = 4;
+// Block = WPB warps (4 or 8), one m16 tile of W rows each (16 WPB rows), over a K range (split
+// `blockIdx.y` of gridDim.y, windows of 256). W is the mma.sync A operand, decoded straight into
+// registers; the batch is the n=8 side. Per window the block stages in shared memory what every
+// warp shares: the activations [8 NT][256] (cp.async, double-buffered) and the decoded absmax of
+// each (row, 32-k sub-chunk) as a T pair (double-buffered; raw loads issued two windows ahead,
+// coalesced). W itself goes global -> registers (ld.global.nc, no L1 allocation, 256-byte L2
+// fetches), two windows ahead; thread (g = lane / 4, c = lane % 4) takes rows g and g + 8 at
+// k = window + 64 c: a quad reads 128 contiguous bytes of a row per window.
+// mma's k order is free as long as both operands agree: at step j (0..7) of sub-chunk s the
+// thread's k slots {2c, 2c+1 | 2c+8, 2c+9} are its elements {4j .. 4j+3} of k = window + 64 c +
+// 32 s, i.e. packed bytes 2j and 2j+1, and the matching activations are 8 contiguous bytes.
+// With gridDim.y > 1 each split writes float32 partials; the last split to finish a tile (a
+// counter) sums them in split order (deterministic), adds the bias and stores.
 constexpr int kSkinnyMaxWarps = 8;
-constexpr int kSkinnyRows = 32;
-constexpr int kSkinnyChunk = 128;
+constexpr int kWin = 256;         // k per window
+constexpr int kWinChunks = 32;    // 16-byte activation chunks per row and window
+constexpr int kSubs = kWin / 32;  // 32-k sub-chunks per row and window (one absmax each)
 
-inline size_t skinny_smem_bytes(int threads) {
-  return mma::kPairTableBytes + 1024 + size_t(kSkinnyStages) * 4 * threads * 16;
+struct SkinnySplit {
+  float* partial;  // [S][M][N] float32 when S > 1
+  int* counter;    // [tiles], zero on entry, left zero
+};
+
+template <int NT>
+constexpr int skinny_a_bytes() { return 2 * 8 * NT * kWin * 2; }
+inline size_t skinny_smem_bytes(int nt, int warps) {
+  return mma::kPairTableBytes + 1024 + size_t(2) * 8 * nt * kWin * 2 + size_t(2) * 16 * warps * kSubs * 4;
+}
+
+// Activation chunk q (16 bytes) of row m sits at 16-byte position q ^ swz in its 512-byte row, so
+// that the 8 threads of an LDS.128 phase (g in {0, 1} x c) hit 8 distinct bank groups.
+__device__ __forceinline__ int a_swizzle(int m, int q) { return q ^ (((q >> 3) & 3) << 1) ^ (m & 1); }
+
+__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 lds16(uint32_t addr) {
+  uint4 v;
+  asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kSkinnyMaxWarps * 32)
-    gemm4_skinny_kernel(const GemmParams p, const int RG, const int KS) {
+__global__ void __launch_bounds__(kSkinnyMaxWarps * 32) gemm4_skinny_kernel(const GemmParams p, const SkinnySplit sp) {
   extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int s_last;
+  constexpr int MP = 8 * NT;  // activation rows staged
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
   float* code8 = reinterpret_cast<float*>(smem + mma::kPairTableBytes);
-  uint4* wbuf = reinterpret_cast<uint4*>(smem + mma::kPairTableBytes + 1024);
-  const int tid = threadIdx.x, nthr = blockDim.x;
+  uint8_t* abuf = smem + mma::kPairTableBytes + 1024;           // [2][MP][512 B]
+  uint32_t* sbuf = reinterpret_cast<uint32_t*>(abuf + 2 * MP * kWin * 2);  // [2][rows][kSubs]
+  const int tid = threadIdx.x, nthr = blockDim.x, wpb = nthr >> 5;
+  const int rows = 16 * wpb;
   mma::build_pair_table<T>(tab, p.code);
   const float off = stage_nested(p.absmax, code8);
-  __syncthreads();
 
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int rg = warp % RG, ks = warp / RG;
   const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * RG + rg) * kSkinnyRows;
-  int64_t roff[4];  // element offset of row i = n0 + 16 (i / 2) + 8 (i % 2) + g (clamped into W)
-#pragma unroll
-  for (int i = 0; i < 4; ++i) roff[i] = std::min<int64_t>(n0 + 16 * (i >> 1) + 8 * (i & 1) + g, N - 1) * K;
-  const int64_t nchunks = (K + kSkinnyChunk - 1) / kSkinnyChunk;
-  const int64_t count = ks < nchunks ? (nchunks - ks + KS - 1) / KS : 0;
-  const uint32_t tab_lane = lane_table(smem, lane);
-  const int64_t kstep = static_cast<int64_t>(KS) * kSkinnyChunk;
-  const int64_t k_first = static_cast<int64_t>(ks) * kSkinnyChunk + 32 * c;  // this thread's k in chunk 0
-  // Activation rows of the thread (m = 8 nt + g), as byte pointers at k_first; null past M.
-  const uint8_t* arow[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) arow[nt] = nt * 8 + g < M ? p.A + ((nt * 8 + g) * K + k_first) * 2 : nullptr;
+  const int64_t tile = blockIdx.x, split = blockIdx.y, S = gridDim.y;
+  const int64_t n_block = tile * rows;
+  // This split's windows [w0, w1): an even share of ceil(K / kWin).
+  const int64_t nwin = (K + kWin - 1) / kWin;
+  const int64_t w0 = nwin * split / S, w1 = nwin * (split + 1) / S;
+  const int mrows = static_cast<int>(std::min<int64_t>(M, MP));
 
-  // Copies of the thread's 4 x 16 bytes of chunk after chunk; past K (or past the warp's last
-  // chunk) only the (empty) group is committed, so group i is always chunk i.
-  int64_t k_issue = k_first;
-  int slot_issue = 0;
-  auto issue = [&]() {
-    if (k_issue < K) {
-      uint4* dst = wbuf + slot_issue * 4 * nthr + tid;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) mma::cp_async16(dst + r * nthr, p.packed + (roff[r] + k_issue) / 2, true);
+  // --- activations: window w -> abuf[w & 1] (cp.async, zero past K) -------------------------
+  auto stage_a = [&](int64_t w) {
+    uint8_t* dst = abuf + (w & 1) * MP * kWin * 2;
+    const int64_t k0 = w * kWin;
+    for (int i = tid; i < mrows * kWinChunks; i += nthr) {
+      const int m = i / kWinChunks, q = i % kWinChunks;
+      const int64_t k = k0 + q * 8;
+      const bool ok = k < K;
+      mma::cp_async16(dst + m * kWin * 2 + (a_swizzle(m, q) << 4), p.A + (ok ? (m * K + k) * 2 : 0), ok);
     }
     mma::cp_async_commit();
-    k_issue += kstep;
-    slot_issue = (slot_issue + 1) & (kSkinnyStages - 1);
   };
-  auto load_raws = [&](int64_t k, RawScale (&rs)[4]) {
-    if (k < K) {
+  // --- scales: entry (row r, sub-chunk j) of window w, 4 per thread ---------------------------
+  constexpr int kPerThr = 4;  // rows * kSubs / nthr = 16 wpb * 8 / (32 wpb)
+  auto raw_scales = [&](int64_t w, RawScale (&rs)[kPerThr], bool (&ok)[kPerThr]) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) rs[r] = load_scale(p.absmax, (roff[r] + k) >> p.bs_shift);
+    for (int i = 0; i < kPerThr; ++i) {
+      const int e = tid + i * nthr, r = e / kSubs, j = e % kSubs;
+      const int64_t n = n_block + r, k = w * kWin + 32 * j;
+      ok[i] = w < w1 && n < N && k < K;
+      if (ok[i]) rs[i] = load_scale(p.absmax, (n * K + k) >> p.bs_shift);
+    }
+  };
+  auto store_scales = [&](int64_t w, const RawScale (&rs)[kPerThr], const bool (&ok)[kPerThr]) {
+    uint32_t* dst = sbuf + (w & 1) * rows * kSubs;
+#pragma unroll
+    for (int i = 0; i < kPerThr; ++i)
+      dst[tid + i * nthr] = mma::splat2<T>(ok[i] ? finish_scale(p.absmax, rs[i], code8, off) : 0.0f);
+  };
+  // --- W: rows g, g + 8 of this warp's tile, 2 x 16 bytes each per window, into registers ------
+  const int64_t rlo = std::min<int64_t>(n_block + warp * 16 + g, N - 1) * K;
+  const int64_t rhi = std::min<int64_t>(n_block + warp * 16 + g + 8, N - 1) * K;
+  auto load_w = [&](int64_t w, uint4 (&v)[4]) {
+    const int64_t k = w * kWin + 64 * c;
+    if (w < w1 && k < K) {  // K % 32 == 0: the thread's 64 k are all in or all out... per 32
+      v[0] = ldg_stream16(p.packed + (rlo + k) / 2);
+      v[2] = ldg_stream16(p.packed + (rhi + k) / 2);
+      if (k + 32 < K) {
+        v[1] = ldg_stream16(p.packed + (rlo + k + 32) / 2);
+        v[3] = ldg_stream16(p.packed + (rhi + k + 32) / 2);
+      } else {
+        v[1] = v[3] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = make_uint4(0u, 0u, 0u, 0u);
     }
   };
 
-#pragma unroll
-  for (int s = 0; s < kSkinnyStages - 1; ++s) issue();
-  RawScale raw[4];
-  load_raws(k_first, raw);
+  // Prologue: tables, window w0's activations and scales, W and scale loads two windows ahead.
+  RawScale rs_next[kPerThr];
+  bool ok_next[kPerThr];
+  uint4 wv[4], wv1[4], wv2[4];
+  if (w0 < w1) {
+    stage_a(w0);
+    {
+      RawScale rs0[kPerThr];
+      bool ok0[kPerThr];
+      raw_scales(w0, rs0, ok0);
+      __syncthreads();  // code8 staged
+      store_scales(w0, rs0, ok0);
+    }
+    raw_scales(w0 + 1, rs_next, ok_next);
+    load_w(w0, wv);
+    load_w(w0 + 1, wv1);
+    mma::cp_async_wait<0>();
+  }
+  __syncthreads();
 
-  float acc[2][NT][4];
+  float acc[NT][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
 
-  int64_t k = k_first;
-  int slot = 0;
-  for (int64_t i = 0; i < count; ++i, k += kstep, slot = (slot + 1) & (kSkinnyStages - 1)) {
-    issue();
-    RawScale nraw[4];
-    load_raws(k + kstep, nraw);
-    const bool valid = k < K;
-    uint32_t s2[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) s2[r] = mma::splat2<T>(valid ? finish_scale(p.absmax, raw[r], code8, off) : 0.0f);
-    mma::cp_async_wait<kSkinnyStages - 1>();
-    const uint4* src = wbuf + slot * 4 * nthr + tid;
-    uint4 wv[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) wv[r] = valid ? src[r * nthr] : make_uint4(0u, 0u, 0u, 0u);
-    const int64_t adv = (k - k_first) * 2;
+  const uint32_t tab_lane = lane_table(smem, lane);
+  const uint32_t a_base = mma::smem_addr(abuf);
+  const uint32_t s_base = mma::smem_addr(sbuf);
+  for (int64_t w = w0; w < w1; ++w) {
+    // Next window's activations and scales (their buffers were last read in window w - 1).
+    if (w + 1 < w1) {
+      stage_a(w + 1);
+      store_scales(w + 1, rs_next, ok_next);
+    }
+    raw_scales(w + 2, rs_next, ok_next);
+    load_w(w + 2, wv2);
 
+    const uint32_t a_win = a_base + static_cast<uint32_t>((w & 1) * MP * kWin * 2);
+    const uint32_t s_win = s_base + static_cast<uint32_t>((w & 1) * rows * kSubs * 4);
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      uint4 bq[NT];
+    for (int s = 0; s < 2; ++s) {
+      uint32_t sc[2];
+      asm("ld.shared.u32 %0, [%1];\n" : "=r"(sc[0]) : "r"(s_win + ((warp * 16 + g) * kSubs + 2 * c + s) * 4) : "memory");
+      asm("ld.shared.u32 %0, [%1];\n" : "=r"(sc[1]) : "r"(s_win + ((warp * 16 + g + 8) * kSubs + 2 * c + s) * 4) : "memory");
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        bq[nt] = (valid && arow[nt] != nullptr) ? __ldg(reinterpret_cast<const uint4*>(arow[nt] + adv) + jj)
-                                                : make_uint4(0u, 0u, 0u, 0u);
-      }
+      for (int jj = 0; jj < 4; ++jj) {
+        uint4 bq[NT];
 #pragma unroll
-      for (int sub = 0; sub < 2; ++sub) {
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = nt * 8 + g;
+          bq[nt] = m < mrows ? lds16(a_win + m * kWin * 2 + (a_swizzle(m, 8 * c + 4 * s + jj) << 4))
+                             : make_uint4(0u, 0u, 0u, 0u);
+        }
+        const uint32_t wlo = word(wv[s], jj), whi = word(wv[2 + s], jj);
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const uint32_t wlo = word(wv[2 * mt], jj), whi = word(wv[2 * mt + 1], jj);
+        for (int h = 0; h < 2; ++h) {
           uint32_t a[4];
-          a[0] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * sub), s2[2 * mt]);
-          a[1] = mma::mul2<T>(lookup(tab_lane, whi, 2 * sub), s2[2 * mt + 1]);
-          a[2] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * sub + 1), s2[2 * mt]);
-          a[3] = mma::mul2<T>(lookup(tab_lane, whi, 2 * sub + 1), s2[2 * mt + 1]);
+          a[0] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * h), sc[0]);
+          a[1] = mma::mul2<T>(lookup(tab_lane, whi, 2 * h), sc[1]);
+          a[2] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * h + 1), sc[0]);
+          a[3] = mma::mul2<T>(lookup(tab_lane, whi, 2 * h + 1), sc[1]);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            mma::mma_16816<T>(acc[mt][nt], a, word(bq[nt], 2 * sub), word(bq[nt], 2 * sub + 1));
+          for (int nt = 0; nt < NT; ++nt) mma::mma_16816<T>(acc[nt], a, word(bq[nt], 2 * h), word(bq[nt], 2 * h + 1));
         }
       }
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r) raw[r] = nraw[r];
+    for (int i = 0; i < 4; ++i) {
+      wv[i] = wv1[i];
+      wv1[i] = wv2[i];
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
   }
-  mma::cp_async_wait<0>();
 
-  if (KS > 1) {  // sum the K shares of each row group in shared memory (reusing the table)
-    constexpr int E = 2 * NT * 4;
-    float* red = reinterpret_cast<float*>(smem);
-    __syncthreads();
-    if (ks > 0) {
+  // Epilogue: acc[nt] = C[n][m] for n = n_block + 16 warp + g (+ 8), m = 8 nt + 2 c (+ 1).
+  const int64_t na = n_block + warp * 16 + g;
+  if (S == 1) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) red[(warp * E + (mt * NT + nt) * 4 + e) * 32 + lane] = acc[mt][nt][e];
+    for (int nt = 0; nt < NT; ++nt) {
+      const int64_t ma = nt * 8 + 2 * c;
+      store_out<T>(p, ma, na, acc[nt][0]);
+      store_out<T>(p, ma + 1, na, acc[nt][1]);
+      store_out<T>(p, ma, na + 8, acc[nt][2]);
+      store_out<T>(p, ma + 1, na + 8, acc[nt][3]);
     }
-    __syncthreads();
-    if (ks == 0) {
-      for (int k2 = 1; k2 < KS; ++k2) {
-        const int w2 = k2 * RG + rg;
+    return;
+  }
+  float* part = sp.partial + split * M * N;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = nt * 8 + 2 * c + (e & 1), n = na + 8 * (e >> 1);
+      if (m < M && n < N) part[m * N + n] = acc[nt][e];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(sp.counter + tile, 1) == static_cast<int>(S) - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[(w2 * E + (mt * NT + nt) * 4 + e) * 32 + lane];
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = nt * 8 + 2 * c + (e & 1), n = na + 8 * (e >> 1);
+      if (m < M && n < N) {
+        float v = 0.0f;
+        for (int64_t s = 0; s < S; ++s) v += __ldcg(sp.partial + (s * M + m) * N + n);
+        store_out<T>(p, m, n, v);
       }
     }
   }
-  if (ks == 0) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      const int64_t na = n0 + 16 * mt + g;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int64_t ma = nt * 8 + 2 * c;
-        store_out<T>(p, ma, na, acc[mt][nt][0]);
-        store_out<T>(p, ma + 1, na, acc[mt][nt][1]);
-        store_out<T>(p, ma, na + 8, acc[mt][nt][2]);
-        store_out<T>(p, ma + 1, na + 8, acc[mt][nt][3]);
-      }
-    }
-  }
+  if (tid == 0) sp.counter[tile] = 0;
 }
 
 // =============================================================================================
@@ -496,29 +568,44 @@ __global__ void __launch_bounds__(256) dequant_rows_kernel(const GemmParams p, i
   cuda_t* o = reinterpret_cast<cuda_t*>(out);
   const bool vec = (e0 & 31) == 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ch * 32 < n; ch += stride) {
-    const int64_t s = ch * 32, e = e0 + s;
-    if (vec && s + 32 <= n) {
-      const uint4 w = load16_stream(p.packed + e / 2);
-      const float scale = finish_scale(p.absmax, load_scale(p.absmax, e >> p.bs_shift), code8, off);
-      constexpr int kPer = kPerVec<T>;
+  constexpr int U = 4;  // chunks per thread per step: their loads go out together
+  const int64_t nchunks = (n + 31) / 32;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < nchunks;
+       base += U * stride) {
+    uint4 w[U];
+    float scale[U];
 #pragma unroll
-      for (int v = 0; v < 32 / kPer; ++v) {
-        float f[kPer];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          const int idx = v * kPer + j;  // element of the chunk: byte idx / 2, high nibble first
-          const uint32_t byte = (word(w, idx / 8) >> (8 * ((idx / 2) & 3))) & 0xFFu;
-          f[j] = __fmul_rn(code[(idx & 1) ? (byte & 15u) : (byte >> 4)], scale);
-        }
-        store16_stream(o + s + v * kPer, pack16<T>(f));
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = (base + u * stride) * 32;
+      if (vec && s + 32 <= n) {
+        w[u] = load16_stream(p.packed + (e0 + s) / 2);
+        scale[u] = finish_scale(p.absmax, load_scale(p.absmax, (e0 + s) >> p.bs_shift), code8, off);
       }
-    } else {
-      for (int64_t i = s; i < std::min<int64_t>(s + 32, n); ++i) {
-        const int64_t ei = e0 + i;
-        const uint32_t byte = p.packed[ei >> 1];
-        const float scale = finish_scale(p.absmax, load_scale(p.absmax, ei >> p.bs_shift), code8, off);
-        o[i] = DType<T>::from_float(__fmul_rn(code[(ei & 1) ? (byte & 15u) : (byte >> 4)], scale));
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = (base + u * stride) * 32;
+      if (s >= n) continue;
+      if (vec && s + 32 <= n) {
+        constexpr int kPer = kPerVec<T>;
+#pragma unroll
+        for (int v = 0; v < 32 / kPer; ++v) {
+          float f[kPer];
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) {
+            const int idx = v * kPer + j;  // element of the chunk: byte idx / 2, high nibble first
+            const uint32_t byte = (word(w[u], idx / 8) >> (8 * ((idx / 2) & 3))) & 0xFFu;
+            f[j] = __fmul_rn(code[(idx & 1) ? (byte & 15u) : (byte >> 4)], scale[u]);
+          }
+          store16_stream(o + s + v * kPer, pack16<T>(f));
+        }
+      } else {
+        for (int64_t i = s; i < std::min<int64_t>(s + 32, n); ++i) {
+          const int64_t ei = e0 + i;
+          const uint32_t byte = p.packed[ei >> 1];
+          const float sc = finish_scale(p.absmax, load_scale(p.absmax, ei >> p.bs_shift), code8, off);
+          o[i] = DType<T>::from_float(__fmul_rn(code[(ei & 1) ? (byte & 15u) : (byte >> 4)], sc));
+        }
       }
     }
   }
@@ -541,7 +628,7 @@ Path path_override() {
 }
 
 // Above this batch the dequantize + cuBLAS path wins (TODO: measured crossover).
-constexpr int64_t kTcMaxM = 1024;
+constexpr int64_t kTcMaxM = 128;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {
   GemmParams p{};
@@ -590,35 +677,44 @@ void allow_smem(Kernel* kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-struct SkinnyCfg {
-  int RG, KS;
-};
-
-// Row groups and K shares per block (RG * KS <= 8 warps). Enough warps to keep ~8 per SM
-// streaming, K split only as far as needed; NF4KIT_GEMV_CFG="RG,KS" overrides (tuning aid).
-SkinnyCfg skinny_config(int64_t N, int64_t K, int sms) {
-  if (const char* s = std::getenv("NF4KIT_GEMV_CFG")) {
-    int rg = 0, ks = 0;
-    if (std::sscanf(s, "%d,%d", &rg, &ks) == 2 && rg >= 1 && ks >= 1 && rg * ks <= kSkinnyMaxWarps) return {rg, ks};
-  }
-  const int64_t tiles = ceil_div(N, kSkinnyRows), chunks = ceil_div(K, kSkinnyChunk);
-  int KS = 1;
-  while (KS < kSkinnyMaxWarps && tiles * KS < int64_t{sms} * 8 && chunks >= 4 * KS) KS *= 2;
-  int RG = kSkinnyMaxWarps / KS;
-  while (RG > 1 && ceil_div(tiles, RG) < int64_t{sms}) RG /= 2;
-  return {RG, KS};
-}
-
+// Warps per block (4 or 8: 64 or 128 rows of W) and K splits. A layer with at least one 128-row
+// tile per SM runs unsplit (one wave: every resident block streams at the same rate); smaller
+// ones split K until the resident slots are filled. NF4KIT_GEMV_CFG="warps,splits" overrides
+// (tuning aid).
 template <typename T, int NT>
 void launch_skinny(const GemmParams& p, cudaStream_t stream) {
-  const int sms = sm_count();
-  const SkinnyCfg cfg = skinny_config(p.N, p.K, sms);
-  const int threads = cfg.RG * cfg.KS * 32;
-  const size_t smem = skinny_smem_bytes(threads);
   auto* kernel = &gemm4_skinny_kernel<T, NT>;
-  allow_smem(kernel, static_cast<int>(skinny_smem_bytes(kSkinnyMaxWarps * 32)));
-  const int64_t blocks = ceil_div(ceil_div(p.N, kSkinnyRows), cfg.RG);
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p, cfg.RG, cfg.KS);
+  allow_smem(kernel, static_cast<int>(skinny_smem_bytes(NT, kSkinnyMaxWarps)));
+  const int64_t nwin = ceil_div(p.K, kWin);
+  int wpb = kSkinnyMaxWarps;
+  int64_t S = 1;
+  const char* cfg = std::getenv("NF4KIT_GEMV_CFG");
+  int w_env = 0, s_env = 0;
+  if (cfg != nullptr && std::sscanf(cfg, "%d,%d", &w_env, &s_env) == 2 && (w_env == 4 || w_env == 8) && s_env >= 1) {
+    wpb = w_env;
+    S = std::min<int64_t>(s_env, nwin);
+  } else {
+    const int sms = sm_count();
+    const int64_t tiles = ceil_div(p.N, 16 * wpb);
+    if (tiles < sms) {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * wpb,
+                                                                   skinny_smem_bytes(NT, wpb)));
+      S = std::max<int64_t>(1, std::min<int64_t>({int64_t{std::max(per_sm, 1)} * sms / tiles, 16, std::max<int64_t>(1, nwin / 2)}));
+    }
+  }
+  const int64_t tiles = ceil_div(p.N, 16 * wpb);
+  SkinnySplit sp{nullptr, nullptr};
+  at::Tensor partial, counter;
+  if (S > 1) {
+    const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
+    partial = at::empty({S, p.M, p.N}, opts.dtype(at::kFloat));
+    counter = at::zeros({tiles}, opts.dtype(at::kInt));
+    sp.partial = partial.data_ptr<float>();
+    sp.counter = counter.data_ptr<int>();
+  }
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(S));
+  kernel<<<grid, 32 * wpb, skinny_smem_bytes(NT, wpb), stream>>>(p, sp);
   NF4KIT_LAUNCH_CHECK();
 }
 
