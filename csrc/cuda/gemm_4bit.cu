@@ -363,7 +363,7 @@ template <typename T, int BM>
 __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
   using C = TcCfg<BM>;
   constexpr int S = C::kStages;
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
   float* code8 = reinterpret_cast<float*>(smem + mma::kPairTableBytes);
   uint8_t* As = smem + mma::kPairTableBytes + 1024;
