@@ -6,7 +6,11 @@
 set -o pipefail
 OUT=${OUT:-/tmp/nf4kit_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
+# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
+# libstdc++ torch loads.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 NF4KIT_CUDA_SOURCES=int8.cu
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/bench.log"
@@ -15,7 +19,7 @@ python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
 
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/test_int8.py -q -rs --maxfail=20 -p no:cacheprovider -p no:logging \
-  > "$OUT/tests.log" 2>&1
+  $EXTRA_PYTEST > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 

@@ -8,6 +8,10 @@ set -o pipefail
 OUT=${OUT:-/tmp/nf4kit_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
+# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
+# libstdc++ torch loads.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-quantize_4bit.cu,dequantize_4bit.cu,blockwise8.cu,gemm_4bit.cu,int8.cu}
 LOG=$OUT/integrations.log
@@ -28,7 +32,7 @@ python3 -m nf4kit info 2>&1 | tee -a "$LOG"
 
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -rs -p no:cacheprovider --maxfail=20 \
   tests/test_nn.py tests/test_compile.py tests/test_transformers.py tests/test_peft.py tests/test_config.py \
-  -k "cuda or gpu or qlora or peak or from_pretrained or reloads or bitsandbytes_checkpoint" > "$OUT/tests.log" 2>&1
+  -k "cuda or gpu" > "$OUT/tests.log" 2>&1
 stamp "tests rc=$?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2 | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)|Error:|^E " "$OUT/tests.log" | head -30 | tee -a "$LOG"

@@ -10,6 +10,10 @@ set -o pipefail
 OUT=${OUT:-/tmp/nf4kit_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
+# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
+# libstdc++ torch loads.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
 STEPS=${STEPS:-build tests tune bench sanitize}
