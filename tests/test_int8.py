@@ -303,6 +303,16 @@ def test_linear8bitlt_device_matches_cpu(device, threshold):
             torch.testing.assert_close(out.cpu(), ref, rtol=1e-2, atol=1e-2)
 
 
+def test_layer_moved_after_forward(device):
+    """.cuda() / .cpu() go through Module._apply, which moves the weight but not the layer's state."""
+    layer, _ = quantized_layer(32, 16, "cpu")
+    x = layer_input((3, 32), torch.float16, seed=1)
+    with torch.no_grad():
+        ref = layer(x)  # CB / SCB now live in layer.state
+        moved = layer.cuda() if device == "cuda" else layer.cpu()
+        same_bits(moved(x.to(device)), ref, "after the move")
+
+
 def test_int8params_quantizes_on_move(device):
     w = torch.randn(16, 32, dtype=torch.bfloat16)
     p = Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)

@@ -174,6 +174,17 @@ def _int8_weight(B: torch.Tensor, state: MatmulLtState) -> tuple[torch.Tensor, t
     return state.CB, state.SCB
 
 
+def _forward(A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor], state: MatmulLtState):
+    """The forward of the int8 matmul; returns (output, CB, SCB)."""
+    CB, SCB = _int8_weight(B, state)
+    if A.shape[-1] != CB.shape[1]:
+        raise ValueError(f"the input's last dimension ({A.shape[-1]}) must be in_features={CB.shape[1]}")
+    if A.numel() == 0:
+        return A.new_empty((*A.shape[:-1], CB.shape[0])), CB, SCB
+    output, state.idx = int8_linear(A, CB, SCB, bias, state.threshold)
+    return output, CB, SCB
+
+
 class MatMul8bitLt(torch.autograd.Function):
     """LLM.int8 matmul: out = A @ W^T (+ bias). Gradients: A (through the dequantized int8 weight, as
     bitsandbytes), B when it is a float weight that requires grad (exact), bias."""
@@ -181,13 +192,7 @@ class MatMul8bitLt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, out=None, bias=None, state: Optional[MatmulLtState] = None):
         state = state or MatmulLtState()
-        CB, SCB = _int8_weight(B, state)
-        if A.shape[-1] != CB.shape[1]:
-            raise ValueError(f"the input's last dimension ({A.shape[-1]}) must be in_features={CB.shape[1]}")
-        if A.numel() == 0:
-            output = A.new_empty((*A.shape[:-1], CB.shape[0]))
-        else:
-            output, state.idx = int8_linear(A, CB, SCB, bias, state.threshold)
+        output, CB, SCB = _forward(A, B, bias, state)
         ctx.state = state
         ctx.dtype_A = A.dtype
         ctx.save_for_backward(CB, SCB, A if ctx.needs_input_grad[1] else None)
@@ -219,7 +224,10 @@ def matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
     if threshold > 0.0:
         state.threshold = threshold
     F._check_threshold(state.threshold)
-    return MatMul8bitLt.apply(A, B, out, bias, state)
+    if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad)):
+        return MatMul8bitLt.apply(A, B, out, bias, state)
+    # Nothing to differentiate: skip the autograd.Function (about 20 us a call on the host).
+    return _forward(A, B, bias, state)[0]
 
 
 def maybe_rearrange_weight(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -311,32 +319,36 @@ class Linear8bitLt(nn.Linear):
                 result.state.SCB = result.state.SCB.to(device)
         return result
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, weight_device: torch.device) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in F.FLOAT_DTYPES:
             raise ValueError(f"input must be float16, bfloat16 or float32, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got shape {tuple(x.shape)}")
-        if x.device != self.weight.device:
-            raise ValueError(f"input is on {x.device} but the layer's weight is on {self.weight.device}; "
+        if x.device != weight_device:
+            raise ValueError(f"input is on {x.device} but the layer's weight is on {weight_device}; "
                              f"move the input (or the layer) to one device")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        self.state.is_training = self.training
-        if self.weight.CB is not None:
+        state, weight, bias = self.state, self.weight, self.bias
+        state.is_training = self.training
+        if weight.CB is not None:
             self.init_8bit_state()
-        if not self.state.has_fp16_weights and self.state.CB is None and self.weight.dtype != torch.int8:
+        CB = None if state.has_fp16_weights else state.CB
+        if CB is not None:
+            device = weight.device
+            if CB.device != device:  # moved by .cuda() / .cpu() (Module._apply), which skip state
+                state.CB = CB = weight.data
+                state.SCB = state.SCB.to(device)
+        self._check_input(x, weight.device if CB is None else CB.device)
+        if CB is None and not state.has_fp16_weights and weight.dtype != torch.int8:
             raise RuntimeError("Linear8bitLt(has_fp16_weights=False) holds an unquantized weight: move it to a device "
                                "(e.g. .cuda() or .to('cpu')) to quantize it first")
-        if self.state.CB is not None and self.state.CB.device != x.device:
-            self.state.CB = self.weight.data
-            self.state.SCB = self.state.SCB.to(x.device)
         # bitsandbytes casts the bias to the input dtype, in place.
-        if self.bias is not None and self.bias.dtype != x.dtype:
-            self.bias.data = self.bias.data.to(x.dtype)
-        out = matmul(x, self.weight, bias=self.bias, state=self.state)
-        if not self.state.has_fp16_weights and self.state.CB is not None:
-            self.weight.data = self.state.CB
+        if bias is not None and bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)
+        out = matmul(x, weight, bias=bias, state=state)
+        if not state.has_fp16_weights and state.CB is not None and weight.dtype != torch.int8:
+            weight.data = state.CB
         return out
