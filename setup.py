@@ -51,6 +51,19 @@ def gencode_flags(arch_list: str) -> list:
     return flags
 
 
+def nvidia_wheel_includes() -> list:
+    """Headers of the CUDA libraries that torch's pip wheels bring (cuBLAS, cuSPARSE, ...): ATen's
+    CUDA headers include them, and a minimal CUDA toolkit (nvcc alone) lacks them."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    found = []
+    for base in getattr(nvidia, "__path__", []):
+        found += glob.glob(os.path.join(base, "*", "include"))
+    return sorted(d for d in found if os.path.isdir(d))
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -75,7 +88,8 @@ if with_cuda:
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     nvcc += gencode_flags(archs)
     extra["nvcc"] = nvcc
-    ext = CUDAExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros)
+    ext = CUDAExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros,
+                        include_dirs=nvidia_wheel_includes())
 else:
     ext = CppExtension("nf4kit._C", sources, extra_compile_args=extra, define_macros=define_macros)
 
