@@ -32,14 +32,6 @@ BATCHES = [1, 16, 256, 4096]
 THRESHOLDS = [0.0, 6.0]
 
 
-def gpu_tag() -> str:
-    name = torch.cuda.get_device_name().lower()
-    for tag in ("h200", "h100", "a100", "l40s", "l4", "b200"):
-        if tag in name:
-            return tag
-    return name.replace(" ", "_")
-
-
 def bench(fn) -> float:
     """Median milliseconds, L2 flushed before every run (triton.testing.do_bench)."""
     import triton.testing

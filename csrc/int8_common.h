@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -126,6 +127,37 @@ inline at::Tensor finish_outlier_columns(at::Tensor& q2d, const at::Tensor& flag
   at::Tensor cols = at::nonzero(flags).reshape(-1);
   if (cols.numel() > 0 && q2d.size(0) > 1) q2d.index_fill_(1, cols, 0);
   return cols;
+}
+
+// int8_vectorwise_quant's input (contiguous), its rows and threshold, and its outputs (allocated with
+// new_output; flags: uint8 [K] zeroed when there is a threshold, else empty). The backends run their
+// row kernel in between setup and finish.
+struct RowQuant {
+  at::Tensor A;
+  int64_t K, rows;
+  bool use_thr;
+  float thr;  // the threshold rounded to A's dtype
+  at::Tensor q, row_stats, flags;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish() {
+    at::Tensor q2d = q.view({rows, K});
+    at::Tensor cols = finish_outlier_columns(q2d, flags);
+    return {q, row_stats, cols};
+  }
+};
+
+inline RowQuant row_quant_setup(const at::Tensor& A_, double threshold) {
+  check_quant_args(A_);
+  RowQuant r;
+  r.A = A_.contiguous();
+  r.K = r.A.size(-1);
+  r.rows = rows_of(r.A);
+  r.use_thr = threshold > 0.0;
+  r.thr = rounded_threshold(threshold, r.A.scalar_type());
+  r.q = new_output(r.A.sizes(), r.A.options().dtype(at::kChar));
+  r.row_stats = new_output({r.rows}, r.A.options().dtype(at::kFloat));
+  r.flags = at::zeros({r.use_thr ? r.K : 0}, r.A.options().dtype(at::kByte));
+  return r;
 }
 
 }  // namespace int8

@@ -63,21 +63,12 @@ void quantize_rows(const T* A, int64_t rows, int64_t K, bool use_thr, float thr,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const at::Tensor& A_, double threshold) {
-  int8::check_quant_args(A_);
-  const at::Tensor A = A_.contiguous();
-  const int64_t K = A.size(-1), rows = int8::rows_of(A);
-  const bool use_thr = threshold > 0.0;
-  const float thr = int8::rounded_threshold(threshold, A.scalar_type());
-  at::Tensor q = new_output(A.sizes(), A.options().dtype(at::kChar));
-  at::Tensor row_stats = new_output({rows}, A.options().dtype(at::kFloat));
-  at::Tensor flags = at::zeros({use_thr ? K : 0}, A.options().dtype(at::kByte));
-  NF4KIT_DISPATCH_FLOAT(A.scalar_type(), "int8_vectorwise_quant_cpu", [&] {
-    quantize_rows(A.data_ptr<scalar_t>(), rows, K, use_thr, thr, q.data_ptr<int8_t>(), row_stats.data_ptr<float>(),
-                  flags.data_ptr<uint8_t>());
+  int8::RowQuant r = int8::row_quant_setup(A_, threshold);
+  NF4KIT_DISPATCH_FLOAT(r.A.scalar_type(), "int8_vectorwise_quant_cpu", [&] {
+    quantize_rows(r.A.data_ptr<scalar_t>(), r.rows, r.K, r.use_thr, r.thr, r.q.data_ptr<int8_t>(),
+                  r.row_stats.data_ptr<float>(), r.flags.data_ptr<uint8_t>());
   });
-  at::Tensor q2d = q.view({rows, K});
-  at::Tensor cols = int8::finish_outlier_columns(q2d, flags);
-  return {q, row_stats, cols};
+  return r.finish();
 }
 
 // ---------------------------------------------------------------------------------------------

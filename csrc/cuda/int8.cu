@@ -120,37 +120,28 @@ __global__ __launch_bounds__(kQuantThreads) void int8_quant_rows_kernel(const T*
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const at::Tensor& A_, double threshold) {
-  int8::check_quant_args(A_);
   const c10::cuda::CUDAGuard guard(A_.device());
-  const at::Tensor A = A_.contiguous();
-  const int64_t K = A.size(-1), rows = int8::rows_of(A);
-  const bool use_thr = threshold > 0.0;
-  const float thr = int8::rounded_threshold(threshold, A.scalar_type());
-  at::Tensor q = new_output(A.sizes(), A.options().dtype(at::kChar));
-  at::Tensor row_stats = new_output({rows}, A.options().dtype(at::kFloat));
-  at::Tensor flags = at::zeros({use_thr ? K : 0}, A.options().dtype(at::kByte));
-  TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), "A has ", rows, " rows; at most 2^31 - 1 are supported");
-  if (rows > 0) {
+  int8::RowQuant r = int8::row_quant_setup(A_, threshold);
+  TORCH_CHECK_VALUE(r.rows < (int64_t(1) << 31), "A has ", r.rows, " rows; at most 2^31 - 1 are supported");
+  if (r.rows > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     auto launch = [&](auto dummy) {
       using scalar_t = decltype(dummy);
       constexpr int kVec = 16 / sizeof(scalar_t);
-      const bool vec = K % kVec == 0 && aligned16(A.data_ptr());
+      const bool vec = r.K % kVec == 0 && aligned16(r.A.data_ptr());
       auto kernel = vec ? int8_quant_rows_kernel<scalar_t, kVec> : int8_quant_rows_kernel<scalar_t, 1>;
-      kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(
-          A.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), row_stats.data_ptr<float>(),
-          use_thr ? flags.data_ptr<uint8_t>() : nullptr, K, use_thr, thr);
+      kernel<<<static_cast<unsigned>(r.rows), kQuantThreads, 0, stream>>>(
+          r.A.data_ptr<scalar_t>(), r.q.data_ptr<int8_t>(), r.row_stats.data_ptr<float>(),
+          r.use_thr ? r.flags.data_ptr<uint8_t>() : nullptr, r.K, r.use_thr, r.thr);
       NF4KIT_LAUNCH_CHECK();
     };
-    switch (A.scalar_type()) {  // check_quant_args allowed these three only
+    switch (r.A.scalar_type()) {  // check_quant_args allowed these three only
       case at::kHalf: launch(at::Half()); break;
       case at::kBFloat16: launch(at::BFloat16()); break;
       default: launch(float()); break;
     }
   }
-  at::Tensor q2d = q.view({rows, K});
-  at::Tensor cols = int8::finish_outlier_columns(q2d, flags);
-  return {q, row_stats, cols};
+  return r.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
