@@ -126,7 +126,7 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True):
             for M in batches:
                 A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
                 big = 2 * M * N * K > 2e11
-                rep = 40 if big else 100
+                rep = 30 if big else 60
                 with torch.inference_mode():
                     ours = F.matmul_4bit(A, Bq.t(), qs)
                     ref = TF.linear(A.float(), Wdq.float())
@@ -225,7 +225,7 @@ def plot(json_path: str) -> None:
     fig.savefig(os.path.join(os.path.dirname(json_path), "matmul.png"), dpi=110)
 
 
-def tune(K=8192, N=28672, dtype_name="float16"):
+def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
     """Skinny-kernel (RG, KS) configs and the time of every path, to set the dispatch thresholds."""
     import nf4kit.functional as F
     dtype = getattr(torch, dtype_name)
@@ -237,17 +237,17 @@ def tune(K=8192, N=28672, dtype_name="float16"):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         t_c = bench(lambda: TF.linear(A, W))
         res = []
-        for cfg in ("8,1", "4,1", "8,2", "4,2", "8,3", "4,4"):
-            with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_GEMV_CFG=cfg):
-                res.append((cfg, bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
+        for impl, cfg in (("rg", ""), ("rg", "4,2"), ("rg", "2,4"), ("win", ""), ("win", "8,1"), ("win", "4,1")):
+            with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_SKINNY=impl, NF4KIT_GEMV_CFG=cfg, NF4KIT_GEMV_RG_CFG=cfg):
+                res.append((f"{impl}:{cfg or 'auto'}", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
         print(f"  M={M:3d} cublas {t_c:.4f} | " + " ".join(f"{c}:{t:.4f}({t_c / t:.2f}x)" for c, t in res), flush=True)
-    for M in (8, 16, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096):
+    for M in ((32, 48, 64, 96, 128, 256, 1024, 4096) if sweep_paths else ()):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         rep = 40 if M >= 1024 else 100
         t_c = bench(lambda: TF.linear(A, W), rep)
         res = []
-        for path in ("skinny", "tc", "dequant", "generic"):
-            if (path == "skinny" and M > 32) or (path == "generic" and M > 32):
+        for path in ("skinny", "tc", "dequant"):
+            if path == "skinny" and M > 32:
                 continue
             with env(NF4KIT_GEMM_PATH=path):
                 res.append((path, bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)))
@@ -274,6 +274,7 @@ def sanitize():
     torch.manual_seed(0)
     worst = 0.0
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
+             ("win", 1, 33, 96), ("win", 5, 1000, 4128), ("win", 17, 31, 160), ("win", 32, 129, 64),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
@@ -283,7 +284,7 @@ def sanitize():
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH=path):
+            with env(NF4KIT_GEMM_PATH="skinny" if path == "win" else path, NF4KIT_SKINNY=path):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()
@@ -319,6 +320,7 @@ if __name__ == "__main__":
         sanitize()
     elif args.tune:
         tune()
+        tune(4096, 4096, sweep_paths=False)
     else:
         layers = LAYERS if not args.layers else tuple(tuple(int(v) for v in s.split("x")) for s in args.layers.split(","))
         batches = BATCHES if not args.batches else tuple(int(b) for b in args.batches.split(","))
