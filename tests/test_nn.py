@@ -166,7 +166,10 @@ def test_strict_reload_and_safetensors(device, tmp_path):
     dst = Linear4bit(256, 48, quant_type="fp4", compress_statistics=False)  # settings come from the file
     assert str(dst.load_state_dict(sd, strict=True)) == "<All keys matched successfully>"
     assert dst.weight.quant_type == "nf4" and dst.weight.quant_storage == torch.bfloat16
-    assert dst.weight.device.type == device and dst.quant_state is dst.weight.quant_state
+    assert dst.weight.device.type == "cpu"  # as load_state_dict does: the values go where the layer is
+    dst = dst.to(device)  # a quantized weight moves with its QuantState
+    assert dst.weight.device.type == device and dst.weight.quant_state.absmax.device.type == device
+    assert dst.quant_state is dst.weight.quant_state
     assert torch.equal(dst(x), src(x))
     meta_layer = Linear4bit(256, 48, device="meta")  # loading into a meta layer takes the tensors' device
     meta_layer.load_state_dict(sd, strict=True, assign=True)
