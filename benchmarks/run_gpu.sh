@@ -1,0 +1,33 @@
+#!/bin/bash
+# The one device run: build every kernel for sm_90a, run every CUDA test of the suite, then the
+# benchmarks. Run from the repository root on the GPU machine with .bnb (bitsandbytes 0.50.2 with
+# its CUDA 13.0 library) and .whl (pytest wheels, used only if pytest is missing) carried:
+#   bash benchmarks/run_gpu.sh            STEPS="build tests bench" by default
+# Logs and results land in $OUT (tests.log, build.log, and each benchmark's md/json).
+set -o pipefail
+OUT=${OUT:-/tmp/nf4kit_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
+# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up inside _C and crash on iostream
+# use; build with the system gcc that matches the libstdc++ torch loads.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+STEPS=${STEPS:-build tests bench}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if has build; then
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  stamp built; python3 -m nf4kit info
+fi
+if has tests; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -x --maxfail=30 -k "cuda or gpu or GPU" \
+    tests/ ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  stamp "tests rc=$?"; tail -3 "$OUT/tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+fi
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_quantize.py --out "$OUT" > "$OUT/bench_quantize.log" 2>&1; stamp "bench_quantize rc=$?"
+  timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_matmul.py --out "$OUT" ${MATMUL_ARGS:-} > "$OUT/bench_matmul.log" 2>&1; stamp "bench_matmul rc=$?"
+  ls "$OUT"
+fi
