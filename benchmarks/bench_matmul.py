@@ -237,9 +237,9 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         t_c = bench(lambda: TF.linear(A, W))
         res = []
-        for impl, cfg in (("rg", ""), ("rg", "4,2"), ("rg", "2,4"), ("win", ""), ("win", "8,1"), ("win", "4,1")):
-            with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_SKINNY=impl, NF4KIT_GEMV_CFG=cfg, NF4KIT_GEMV_RG_CFG=cfg):
-                res.append((f"{impl}:{cfg or 'auto'}", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
+        for cfg in ("", "4,2", "2,4", "1,8", "8,1"):
+            with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_GEMV_CFG=cfg):
+                res.append((cfg or "auto", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
         print(f"  M={M:3d} cublas {t_c:.4f} | " + " ".join(f"{c}:{t:.4f}({t_c / t:.2f}x)" for c, t in res), flush=True)
     for M in ((32, 48, 64, 96, 128, 256, 1024, 4096) if sweep_paths else ()):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -274,7 +274,6 @@ def sanitize():
     torch.manual_seed(0)
     worst = 0.0
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
-             ("win", 1, 33, 96), ("win", 5, 1000, 4128), ("win", 17, 31, 160), ("win", 32, 129, 64),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
@@ -284,7 +283,7 @@ def sanitize():
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH="skinny" if path == "win" else path, NF4KIT_SKINNY=path):
+            with env(NF4KIT_GEMM_PATH=path):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()

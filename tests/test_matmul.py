@@ -27,20 +27,16 @@ ops = torch.ops.nf4kit
 
 @contextmanager
 def gemm_path(path):
-    """Force one CUDA kernel (csrc/cuda/gemm_4bit.cu reads NF4KIT_GEMM_PATH and NF4KIT_SKINNY on
-    every call); "skinny_win" is the windowed skinny kernel, "skinny" the default one."""
-    env = {"NF4KIT_GEMM_PATH": "skinny" if path == "skinny_win" else (path or ""),
-           "NF4KIT_SKINNY": "win" if path == "skinny_win" else ""}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    """Force one CUDA kernel (csrc/cuda/gemm_4bit.cu reads NF4KIT_GEMM_PATH on every call)."""
+    old = os.environ.get("NF4KIT_GEMM_PATH")
+    os.environ["NF4KIT_GEMM_PATH"] = path or ""
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if old is None:
+            os.environ.pop("NF4KIT_GEMM_PATH", None)
+        else:
+            os.environ["NF4KIT_GEMM_PATH"] = old
 
 
 def quantized(N, K, blocksize, quant_type, nested, device, dtype=torch.float16, seed=0):
@@ -167,7 +163,7 @@ def test_empty_batch(device):
 # Every CUDA kernel forced, at odd shapes
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", ["skinny", "skinny_win", "tc", "generic", "dequant"])
+@pytest.mark.parametrize("path", ["skinny", "tc", "generic", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernels_forced(path, dtype):
     # K % 32 == 0 for the mma kernels (others fall back to auto, still checked).

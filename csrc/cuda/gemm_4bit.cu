@@ -1,17 +1,19 @@
 // CUDA kernels of gemm_4bit: out[M, N] = A[M, K] @ W[N, K]^T (+ bias), W in bitsandbytes' packed
 // 4-bit format (NF4 / FP4, any blocksize, float32 or nested absmax decoded in registers).
 //
-// Three kernels and one fallback, chosen by shape in gemm_4bit_cuda (see choose_path):
+// Three kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
+// measurements behind it, is at kTcMaxM):
 //  * skinny (M <= 32, fp16/bf16, K % 32 == 0): streams W once. Each warp owns 32 rows of W and
 //    a share of K; W is the mma.sync A operand (16 rows of N per m16 tile) decoded straight into
-//    registers, the batch is the n=8 side. Packed W reaches shared memory through a per-thread
-//    4-stage cp.async ring (each thread reads back only what it copied: no barriers in the loop).
+//    registers through a per-lane byte -> pair table, the batch is the n=8 side. Packed W reaches
+//    shared memory through a per-thread 4-stage cp.async ring (each thread reads back only what
+//    it copied: no barriers in the loop).
 //  * tensor-core GEMM (32 < M <= kTcMaxM): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.
 //  * generic (any K, any dtype incl. float32, small M): one warp per output feature, element by
-//    element, exact float32 decode; also the float32 path.
-//  * dequantize + cuBLAS (large M, or shapes the fast kernels do not take): W dequantized to A's
+//    element, exact float32 decode.
+//  * dequantize + cuBLAS (larger M, or shapes the others do not take): W dequantized to A's
 //    dtype exactly as dequantize_4bit does (dequant_rows_kernel), then one at::mm / at::addmm.
 // All offsets into W and A are 64-bit.
 #include <ATen/ATen.h>
@@ -102,303 +104,24 @@ __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_
 // =============================================================================================
 // Skinny kernel (M <= 8 * NT <= 32)
 // =============================================================================================
-// Block = WPB warps (4 or 8), one m16 tile of W rows each (16 WPB rows), over a K range (split
-// `blockIdx.y` of gridDim.y, windows of 256). W is the mma.sync A operand, decoded straight into
-// registers; the batch is the n=8 side. Per window the block stages in shared memory what every
-// warp shares: the activations [8 NT][256] (cp.async, double-buffered) and the decoded absmax of
-// each (row, 32-k sub-chunk) as a T pair (double-buffered; raw loads issued two windows ahead,
-// coalesced). W itself goes global -> registers (ld.global.nc, no L1 allocation, 256-byte L2
-// fetches), two windows ahead; thread (g = lane / 4, c = lane % 4) takes rows g and g + 8 at
-// k = window + 64 c: a quad reads 128 contiguous bytes of a row per window.
-// mma's k order is free as long as both operands agree: at step j (0..7) of sub-chunk s the
-// thread's k slots {2c, 2c+1 | 2c+8, 2c+9} are its elements {4j .. 4j+3} of k = window + 64 c +
-// 32 s, i.e. packed bytes 2j and 2j+1, and the matching activations are 8 contiguous bytes.
-// With gridDim.y > 1 each split writes float32 partials; the last split to finish a tile (a
-// counter) sums them in split order (deterministic), adds the bias and stores.
-constexpr int kSkinnyMaxWarps = 8;
-constexpr int kWin = 256;         // k per window
-constexpr int kWinChunks = 32;    // 16-byte activation chunks per row and window
-constexpr int kSubs = kWin / 32;  // 32-k sub-chunks per row and window (one absmax each)
-
-struct SkinnySplit {
-  float* partial;  // [S][M][N] float32 when S > 1
-  int* counter;    // [tiles], zero on entry, left zero
-};
-
-template <int NT>
-constexpr int skinny_a_bytes() { return 2 * 8 * NT * kWin * 2; }
-inline size_t skinny_smem_bytes(int nt, int warps) {
-  return mma::kPairTableBytes + 1024 + size_t(2) * 8 * nt * kWin * 2 + size_t(2) * 16 * warps * kSubs * 4;
-}
-
-// Activation chunk q (16 bytes) of row m sits at 16-byte position q ^ swz in its 512-byte row, so
-// that the 8 threads of an LDS.128 phase (g in {0, 1} x c) hit 8 distinct bank groups.
-__device__ __forceinline__ int a_swizzle(int m, int q) { return q ^ (((q >> 3) & 3) << 1) ^ (m & 1); }
-
-__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 lds16(uint32_t addr) {
-  uint4 v;
-  asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
-  return v;
-}
-
-template <typename T, int NT>
-__global__ void __launch_bounds__(kSkinnyMaxWarps * 32) gemm4_skinny_kernel(const GemmParams p, const SkinnySplit sp) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ int s_last;
-  constexpr int MP = 8 * NT;  // activation rows staged
-  uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
-  float* code8 = reinterpret_cast<float*>(smem + mma::kPairTableBytes);
-  uint8_t* abuf = smem + mma::kPairTableBytes + 1024;           // [2][MP][512 B]
-  uint32_t* sbuf = reinterpret_cast<uint32_t*>(abuf + 2 * MP * kWin * 2);  // [2][rows][kSubs]
-  const int tid = threadIdx.x, nthr = blockDim.x, wpb = nthr >> 5;
-  const int rows = 16 * wpb;
-  mma::build_pair_table<T>(tab, p.code);
-  const float off = stage_nested(p.absmax, code8);
-
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t tile = blockIdx.x, split = blockIdx.y, S = gridDim.y;
-  const int64_t n_block = tile * rows;
-  // This split's windows [w0, w1): an even share of ceil(K / kWin).
-  const int64_t nwin = (K + kWin - 1) / kWin;
-  const int64_t w0 = nwin * split / S, w1 = nwin * (split + 1) / S;
-  const int mrows = static_cast<int>(std::min<int64_t>(M, MP));
-
-  // --- activations: window w -> abuf[w & 1] (cp.async, zero past K) -------------------------
-  // --- activations: window w -> abuf[w & 1] (cp.async, zero past K). Thread t copies chunks
-  // i = t + nthr * u of the [mrows][32] grid, the same ones every window. ----------------------
-  constexpr int kAMax = 8 * NT * kWinChunks / 128;  // chunks per thread at most (4 warps)
-  const uint8_t* a_src[kAMax];
-  uint32_t a_dst[kAMax];
-  int a_k[kAMax];
-  int a_n = 0;
-#pragma unroll
-  for (int u = 0; u < kAMax; ++u) {
-    const int i = tid + u * nthr, m = i / kWinChunks, q = i % kWinChunks;
-    a_src[u] = p.A + (static_cast<int64_t>(std::min(m, mrows - 1)) * K + q * 8) * 2;
-    a_dst[u] = static_cast<uint32_t>(m * kWin * 2 + (a_swizzle(m, q) << 4));
-    a_k[u] = q * 8;
-    a_n += i < mrows * kWinChunks;
-  }
-  auto stage_a = [&](int64_t w) {
-    uint8_t* dst = abuf + (w & 1) * MP * kWin * 2;
-    const int64_t kw = w * kWin;
-#pragma unroll
-    for (int u = 0; u < kAMax; ++u) {
-      if (u < a_n) {
-        const bool ok = kw + a_k[u] < K;
-        mma::cp_async16(dst + a_dst[u], ok ? a_src[u] + kw * 2 : p.A, ok);
-      }
-    }
-    mma::cp_async_commit();
-  };
-  // --- scales: entries (row r, sub-chunk j) = tid + i * nthr of every window, 4 per thread -----
-  constexpr int kPerThr = 4;  // rows * kSubs / nthr = 16 wpb * 8 / (32 wpb)
-  int64_t s_off[kPerThr];     // element offset of the entry at window 0
-  int64_t s_kmax[kPerThr];    // the entry exists while the window start is below this
-#pragma unroll
-  for (int i = 0; i < kPerThr; ++i) {
-    const int e = tid + i * nthr, r = e / kSubs, j = e % kSubs;
-    const int64_t n = n_block + r;
-    s_kmax[i] = n < N ? K - 32 * j : 0;
-    s_off[i] = std::min<int64_t>(n, N - 1) * K + 32 * j;
-  }
-  const AbsmaxSource am = p.absmax;
-  const bool nested = am.absmax_f32 == nullptr;
-  const int nshift = am.nested_shift;  // the mma paths require a power-of-two nested blocksize
-  const int bshift = p.bs_shift;
-  auto raw_scales = [&](int64_t w, RawScale (&rs)[kPerThr], bool (&ok)[kPerThr]) {
-    const int64_t kw = w * kWin;
-#pragma unroll
-    for (int i = 0; i < kPerThr; ++i) ok[i] = w < w1 && kw < s_kmax[i];
-    if (nested) {
-#pragma unroll
-      for (int i = 0; i < kPerThr; ++i) {
-        const int64_t b = (s_off[i] + kw) >> bshift;
-        if (ok[i]) {
-          rs[i].q = __ldg(am.absmax_u8 + b);
-          rs[i].v = __ldg(am.nested_absmax + (b >> nshift));
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerThr; ++i)
-        if (ok[i]) rs[i].v = __ldg(am.absmax_f32 + ((s_off[i] + kw) >> bshift));
-    }
-  };
-  auto store_scales = [&](int64_t w, const RawScale (&rs)[kPerThr], const bool (&ok)[kPerThr]) {
-    uint32_t* dst = sbuf + (w & 1) * rows * kSubs + tid;
-    if (nested) {
-#pragma unroll
-      for (int i = 0; i < kPerThr; ++i)
-        dst[i * nthr] = mma::splat2<T>(ok[i] ? nested_absmax_value(code8[rs[i].q], rs[i].v, off) : 0.0f);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerThr; ++i) dst[i * nthr] = mma::splat2<T>(ok[i] ? rs[i].v : 0.0f);
-    }
-  };
-  // --- W: rows g, g + 8 of this warp's tile, 2 x 16 bytes each per window, into registers ------
-  const int kc = 64 * c;
-  const uint8_t* wlo = p.packed + (std::min<int64_t>(n_block + warp * 16 + g, N - 1) * K + kc) / 2;
-  const uint8_t* whi = p.packed + (std::min<int64_t>(n_block + warp * 16 + g + 8, N - 1) * K + kc) / 2;
-  auto load_w = [&](int64_t w, uint4 (&v)[4]) {
-    const int64_t kw = w * kWin;
-    const int64_t boff = kw / 2;
-    const bool ok0 = w < w1 && kw + kc < K, ok1 = w < w1 && kw + kc + 32 < K;  // K % 32 == 0
-    v[0] = ok0 ? ldg_stream16(wlo + boff) : make_uint4(0u, 0u, 0u, 0u);
-    v[2] = ok0 ? ldg_stream16(whi + boff) : make_uint4(0u, 0u, 0u, 0u);
-    v[1] = ok1 ? ldg_stream16(wlo + boff + 16) : make_uint4(0u, 0u, 0u, 0u);
-    v[3] = ok1 ? ldg_stream16(whi + boff + 16) : make_uint4(0u, 0u, 0u, 0u);
-  };
-
-  // Prologue: tables, window w0's activations and scales, W and scale loads two windows ahead.
-  RawScale rs_next[kPerThr];
-  bool ok_next[kPerThr];
-  uint4 wv[4], wv1[4], wv2[4];
-  if (w0 < w1) {
-    stage_a(w0);
-    {
-      RawScale rs0[kPerThr];
-      bool ok0[kPerThr];
-      raw_scales(w0, rs0, ok0);
-      __syncthreads();  // code8 staged
-      store_scales(w0, rs0, ok0);
-    }
-    raw_scales(w0 + 1, rs_next, ok_next);
-    load_w(w0, wv);
-    load_w(w0 + 1, wv1);
-    mma::cp_async_wait<0>();
-  }
-  __syncthreads();
-
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
-
-  const uint32_t tab_lane = lane_table(smem, lane);
-  const uint32_t a_base = mma::smem_addr(abuf);
-  const uint32_t s_base = mma::smem_addr(sbuf);
-  for (int64_t w = w0; w < w1; ++w) {
-    // Next window's activations and scales (their buffers were last read in window w - 1).
-    if (w + 1 < w1) {
-      stage_a(w + 1);
-      store_scales(w + 1, rs_next, ok_next);
-    }
-    raw_scales(w + 2, rs_next, ok_next);
-    load_w(w + 2, wv2);
-
-    const uint32_t a_win = a_base + static_cast<uint32_t>((w & 1) * MP * kWin * 2);
-    const uint32_t s_win = s_base + static_cast<uint32_t>((w & 1) * rows * kSubs * 4);
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      uint32_t sc[2];
-      asm("ld.shared.u32 %0, [%1];\n" : "=r"(sc[0]) : "r"(s_win + ((warp * 16 + g) * kSubs + 2 * c + s) * 4) : "memory");
-      asm("ld.shared.u32 %0, [%1];\n" : "=r"(sc[1]) : "r"(s_win + ((warp * 16 + g + 8) * kSubs + 2 * c + s) * 4) : "memory");
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        uint4 bq[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int m = nt * 8 + g;
-          bq[nt] = m < mrows ? lds16(a_win + m * kWin * 2 + (a_swizzle(m, 8 * c + 4 * s + jj) << 4))
-                             : make_uint4(0u, 0u, 0u, 0u);
-        }
-        const uint32_t wlo = word(wv[s], jj), whi = word(wv[2 + s], jj);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint32_t a[4];
-          a[0] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * h), sc[0]);
-          a[1] = mma::mul2<T>(lookup(tab_lane, whi, 2 * h), sc[1]);
-          a[2] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * h + 1), sc[0]);
-          a[3] = mma::mul2<T>(lookup(tab_lane, whi, 2 * h + 1), sc[1]);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma::mma_16816<T>(acc[nt], a, word(bq[nt], 2 * h), word(bq[nt], 2 * h + 1));
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      wv[i] = wv1[i];
-      wv1[i] = wv2[i];
-    }
-    mma::cp_async_wait<0>();
-    __syncthreads();
-  }
-
-  // Epilogue: acc[nt] = C[n][m] for n = n_block + 16 warp + g (+ 8), m = 8 nt + 2 c (+ 1).
-  const int64_t na = n_block + warp * 16 + g;
-  if (S == 1) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t ma = nt * 8 + 2 * c;
-      store_out<T>(p, ma, na, acc[nt][0]);
-      store_out<T>(p, ma + 1, na, acc[nt][1]);
-      store_out<T>(p, ma, na + 8, acc[nt][2]);
-      store_out<T>(p, ma + 1, na + 8, acc[nt][3]);
-    }
-    return;
-  }
-  float* part = sp.partial + split * M * N;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t m = nt * 8 + 2 * c + (e & 1), n = na + 8 * (e >> 1);
-      if (m < M && n < N) part[m * N + n] = acc[nt][e];
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(sp.counter + tile, 1) == static_cast<int>(S) - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t m = nt * 8 + 2 * c + (e & 1), n = na + 8 * (e >> 1);
-      if (m < M && n < N) {
-        float v = 0.0f;
-        for (int64_t s = 0; s < S; ++s) v += __ldcg(sp.partial + (s * M + m) * N + n);
-        store_out<T>(p, m, n, v);
-      }
-    }
-  }
-  if (tid == 0) sp.counter[tile] = 0;
-}
-
-// =============================================================================================
-// Skinny kernel, row-group variant (M <= 8 * NT <= 32): the first design, kept beside the
-// windowed kernel above because it measured faster on the big layers (see choose_skinny)
-// =============================================================================================
 // Warp w of a block of RG * KS warps: row group rg = w % RG (32 rows of W: two m16 tiles),
 // K share ks = w / RG (128-wide chunks ks, ks + KS, ...). Thread (g = lane / 4, c = lane % 4)
 // copies, per chunk, 16 bytes (32 consecutive k) of each of its 4 rows (g, g + 8 of both tiles)
 // at k = chunk * 128 + 32 c. mma's k order is free as long as both operands agree: at step j
 // (0..7) the thread's k slots {2c, 2c+1 | 2c+8, 2c+9} are its elements {4j, 4j+1 | 4j+2, 4j+3},
 // i.e. packed bytes 2j and 2j+1, and the matching activations are 8 contiguous bytes of A.
-constexpr int kRgStages = 4;
-constexpr int kRgMaxWarps = 8;
-constexpr int kRgRows = 32;
-constexpr int kRgChunk = 128;
+constexpr int kSkinnyStages = 4;
+constexpr int kSkinnyMaxWarps = 8;
+constexpr int kSkinnyRows = 32;
+constexpr int kSkinnyChunk = 128;
 
-inline size_t rg_smem_bytes(int threads) {
-  return mma::kPairTableBytes + 1024 + size_t(kRgStages) * 4 * threads * 16;
+inline size_t skinny_smem_bytes(int threads) {
+  return mma::kPairTableBytes + 1024 + size_t(kSkinnyStages) * 4 * threads * 16;
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kRgMaxWarps * 32)
-    gemm4_skinny_rg_kernel(const GemmParams p, const int RG, const int KS) {
+__global__ void __launch_bounds__(kSkinnyMaxWarps * 32)
+    gemm4_skinny_kernel(const GemmParams p, const int RG, const int KS) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
   float* code8 = reinterpret_cast<float*>(smem + mma::kPairTableBytes);
@@ -411,15 +134,15 @@ __global__ void __launch_bounds__(kRgMaxWarps * 32)
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int rg = warp % RG, ks = warp / RG;
   const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * RG + rg) * kRgRows;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * RG + rg) * kSkinnyRows;
   int64_t roff[4];  // element offset of row i = n0 + 16 (i / 2) + 8 (i % 2) + g (clamped into W)
 #pragma unroll
   for (int i = 0; i < 4; ++i) roff[i] = std::min<int64_t>(n0 + 16 * (i >> 1) + 8 * (i & 1) + g, N - 1) * K;
-  const int64_t nchunks = (K + kRgChunk - 1) / kRgChunk;
+  const int64_t nchunks = (K + kSkinnyChunk - 1) / kSkinnyChunk;
   const int64_t count = ks < nchunks ? (nchunks - ks + KS - 1) / KS : 0;
   const uint32_t tab_lane = lane_table(smem, lane);
-  const int64_t kstep = static_cast<int64_t>(KS) * kRgChunk;
-  const int64_t k_first = static_cast<int64_t>(ks) * kRgChunk + 32 * c;  // this thread's k in chunk 0
+  const int64_t kstep = static_cast<int64_t>(KS) * kSkinnyChunk;
+  const int64_t k_first = static_cast<int64_t>(ks) * kSkinnyChunk + 32 * c;  // this thread's k in chunk 0
   // Activation rows of the thread (m = 8 nt + g), as byte pointers at k_first; null past M.
   const uint8_t* arow[NT];
 #pragma unroll
@@ -437,7 +160,7 @@ __global__ void __launch_bounds__(kRgMaxWarps * 32)
     }
     mma::cp_async_commit();
     k_issue += kstep;
-    slot_issue = (slot_issue + 1) & (kRgStages - 1);
+    slot_issue = (slot_issue + 1) & (kSkinnyStages - 1);
   };
   auto load_raws = [&](int64_t k, RawScale (&rs)[4]) {
     if (k < K) {
@@ -447,7 +170,7 @@ __global__ void __launch_bounds__(kRgMaxWarps * 32)
   };
 
 #pragma unroll
-  for (int s = 0; s < kRgStages - 1; ++s) issue();
+  for (int s = 0; s < kSkinnyStages - 1; ++s) issue();
   RawScale raw[4];
   load_raws(k_first, raw);
 
@@ -461,7 +184,7 @@ __global__ void __launch_bounds__(kRgMaxWarps * 32)
 
   int64_t k = k_first;
   int slot = 0;
-  for (int64_t i = 0; i < count; ++i, k += kstep, slot = (slot + 1) & (kRgStages - 1)) {
+  for (int64_t i = 0; i < count; ++i, k += kstep, slot = (slot + 1) & (kSkinnyStages - 1)) {
     issue();
     RawScale nraw[4];
     load_raws(k + kstep, nraw);
@@ -469,7 +192,7 @@ __global__ void __launch_bounds__(kRgMaxWarps * 32)
     uint32_t s2[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) s2[r] = mma::splat2<T>(valid ? finish_scale(p.absmax, raw[r], code8, off) : 0.0f);
-    mma::cp_async_wait<kRgStages - 1>();
+    mma::cp_async_wait<kSkinnyStages - 1>();
     const uint4* src = wbuf + slot * 4 * nthr + tid;
     uint4 wv[4];
 #pragma unroll
@@ -834,14 +557,17 @@ Path path_override() {
   return Path::Auto;
 }
 
-// Which skinny kernel: the row-group kernel (default; on an H200 it measured 1.75x cuBLAS at batch 1
-// on 8192x28672 against 1.32x for the windowed one) or, with NF4KIT_SKINNY=win, the windowed kernel.
-bool skinny_windowed() {
-  const char* s = std::getenv("NF4KIT_SKINNY");
-  return s != nullptr && !std::strcmp(s, "win");
-}
-
-// Above this batch the dequantize + cuBLAS path wins (TODO: measured crossover).
+// Dispatch, from medians measured on an H200 (torch 2.11, 8192 x 28672 and 4096 x 4096 layers,
+// fp16 and bf16, benchmarks/results/h200/matmul.md and the --tune sweep in the same run):
+//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.074/0.084/0.102/0.171 ms vs cuBLAS fp16
+//                ~0.128 ms (1.75x/1.52x/1.27x/0.75x); the tensor-core kernel takes 0.214 ms at 32.
+//   33..64       tensor-core kernel: 0.215 ms at M=48-64 vs 0.44 ms for dequantize + cuBLAS, when
+//                it has at least half a block per SM (4096x14336: 0.071 ms vs 0.126); with fewer
+//                (N = 4096: 32 blocks) dequantize + cuBLAS (M=64 there: tc 0.070 / 0.234 ms, the
+//                cuBLAS path 0.049 / 0.131 ms at M=128).
+//   > 64         dequantize + cuBLAS: at M=96-128 the two are equal (0.41 vs 0.44 ms), from 256 on
+//                dequantize + cuBLAS wins (0.49 vs 0.83 ms at 256, 2.9 vs 10.6 ms at 4096).
+// None of the three beats cuBLAS fp16 between M=32 and 4096 yet (0.3x-0.95x): see the results.
 constexpr int64_t kTcMaxM = 64;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {
@@ -891,75 +617,34 @@ void allow_smem(Kernel* kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-// Warps per block (4 or 8: 64 or 128 rows of W) and K splits. A layer with at least one 128-row
-// tile per SM runs unsplit (one wave: every resident block streams at the same rate); smaller
-// ones split K until the resident slots are filled. NF4KIT_GEMV_CFG="warps,splits" overrides
-// (tuning aid).
-template <typename T, int NT>
-void launch_skinny(const GemmParams& p, cudaStream_t stream) {
-  auto* kernel = &gemm4_skinny_kernel<T, NT>;
-  allow_smem(kernel, static_cast<int>(skinny_smem_bytes(NT, kSkinnyMaxWarps)));
-  const int64_t nwin = ceil_div(p.K, kWin);
-  int wpb = kSkinnyMaxWarps;
-  int64_t S = 1;
-  const char* cfg = std::getenv("NF4KIT_GEMV_CFG");
-  int w_env = 0, s_env = 0;
-  if (cfg != nullptr && std::sscanf(cfg, "%d,%d", &w_env, &s_env) == 2 && (w_env == 4 || w_env == 8) && s_env >= 1) {
-    wpb = w_env;
-    S = std::min<int64_t>(s_env, nwin);
-  } else {
-    const int sms = sm_count();
-    const int64_t tiles = ceil_div(p.N, 16 * wpb);
-    if (tiles < sms) {
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * wpb,
-                                                                   skinny_smem_bytes(NT, wpb)));
-      S = std::max<int64_t>(1, std::min<int64_t>({int64_t{std::max(per_sm, 1)} * sms / tiles, 16, std::max<int64_t>(1, nwin / 2)}));
-    }
-  }
-  const int64_t tiles = ceil_div(p.N, 16 * wpb);
-  SkinnySplit sp{nullptr, nullptr};
-  at::Tensor partial, counter;
-  if (S > 1) {
-    const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
-    partial = at::empty({S, p.M, p.N}, opts.dtype(at::kFloat));
-    counter = at::zeros({tiles}, opts.dtype(at::kInt));
-    sp.partial = partial.data_ptr<float>();
-    sp.counter = counter.data_ptr<int>();
-  }
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(S));
-  kernel<<<grid, 32 * wpb, skinny_smem_bytes(NT, wpb), stream>>>(p, sp);
-  NF4KIT_LAUNCH_CHECK();
-}
-
-struct RgCfg {
+struct SkinnyCfg {
   int RG, KS;
 };
 
 // Row groups and K shares per block (RG * KS <= 8 warps). Enough warps to keep ~8 per SM
-// streaming, K split only as far as needed; NF4KIT_GEMV_RG_CFG="RG,KS" overrides (tuning aid).
-RgCfg rg_config(int64_t N, int64_t K, int sms) {
-  if (const char* s = std::getenv("NF4KIT_GEMV_RG_CFG")) {
+// streaming, K split only as far as needed; NF4KIT_GEMV_CFG="RG,KS" overrides (tuning aid).
+SkinnyCfg skinny_config(int64_t N, int64_t K, int sms) {
+  if (const char* s = std::getenv("NF4KIT_GEMV_CFG")) {
     int rg = 0, ks = 0;
-    if (std::sscanf(s, "%d,%d", &rg, &ks) == 2 && rg >= 1 && ks >= 1 && rg * ks <= kRgMaxWarps) return {rg, ks};
+    if (std::sscanf(s, "%d,%d", &rg, &ks) == 2 && rg >= 1 && ks >= 1 && rg * ks <= kSkinnyMaxWarps) return {rg, ks};
   }
-  const int64_t tiles = ceil_div(N, kRgRows), chunks = ceil_div(K, kRgChunk);
+  const int64_t tiles = ceil_div(N, kSkinnyRows), chunks = ceil_div(K, kSkinnyChunk);
   int KS = 1;
-  while (KS < kRgMaxWarps && tiles * KS < int64_t{sms} * 8 && chunks >= 4 * KS) KS *= 2;
-  int RG = kRgMaxWarps / KS;
+  while (KS < kSkinnyMaxWarps && tiles * KS < int64_t{sms} * 8 && chunks >= 4 * KS) KS *= 2;
+  int RG = kSkinnyMaxWarps / KS;
   while (RG > 1 && ceil_div(tiles, RG) < int64_t{sms}) RG /= 2;
   return {RG, KS};
 }
 
 template <typename T, int NT>
-void launch_skinny_rg(const GemmParams& p, cudaStream_t stream) {
+void launch_skinny(const GemmParams& p, cudaStream_t stream) {
   const int sms = sm_count();
-  const RgCfg cfg = rg_config(p.N, p.K, sms);
+  const SkinnyCfg cfg = skinny_config(p.N, p.K, sms);
   const int threads = cfg.RG * cfg.KS * 32;
-  const size_t smem = rg_smem_bytes(threads);
-  auto* kernel = &gemm4_skinny_rg_kernel<T, NT>;
-  allow_smem(kernel, static_cast<int>(rg_smem_bytes(kRgMaxWarps * 32)));
-  const int64_t blocks = ceil_div(ceil_div(p.N, kRgRows), cfg.RG);
+  const size_t smem = skinny_smem_bytes(threads);
+  auto* kernel = &gemm4_skinny_kernel<T, NT>;
+  allow_smem(kernel, static_cast<int>(skinny_smem_bytes(kSkinnyMaxWarps * 32)));
+  const int64_t blocks = ceil_div(ceil_div(p.N, kSkinnyRows), cfg.RG);
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p, cfg.RG, cfg.KS);
   NF4KIT_LAUNCH_CHECK();
 }
@@ -1008,7 +693,9 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
     if (mma_ok && a.M <= 32) path = Path::Skinny;
-    else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535) path = Path::TensorCore;
+    else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
+             ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
+      path = Path::TensorCore;
     else if (a.M <= 2 * kGenericRows) path = Path::Generic;
     else path = Path::Dequant;
   }
@@ -1029,14 +716,10 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   }
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    if (path == Path::Skinny && skinny_windowed()) {
+    if (path == Path::Skinny) {
       if (a.M <= 8) launch_skinny<T, 1>(p, stream);
       else if (a.M <= 16) launch_skinny<T, 2>(p, stream);
       else launch_skinny<T, 4>(p, stream);
-    } else if (path == Path::Skinny) {
-      if (a.M <= 8) launch_skinny_rg<T, 1>(p, stream);
-      else if (a.M <= 16) launch_skinny_rg<T, 2>(p, stream);
-      else launch_skinny_rg<T, 4>(p, stream);
     } else if (a.M <= 128) {
       launch_tc<T, 64>(p, stream);
     } else {
