@@ -12,7 +12,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
 # libstdc++ torch loads.
 export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-quantize_4bit.cu,dequantize_4bit.cu,blockwise8.cu}
+# every CUDA file by default: the last step checks the rest of the tree on the GPU too
+export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-}
 MINE=tests/test_cuda_kernels.py
 
 build() {
@@ -54,3 +55,8 @@ timeout 100 "$SAN" --tool memcheck --error-exitcode 9 python3 benchmarks/bench_q
 echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|sanitize run|Error" "$OUT/sanitizer.log" | head -5
 
 timeout 140 python3 benchmarks/bench_quantize.py --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -v "^|" | tail -16
+
+# The rest of the CUDA test-suite (4-bit matmul, int8, modules, transformers), so that this call
+# also checks the whole tree as committed.
+run_tests 150 "cuda or gpu" "tests/test_matmul.py tests/test_int8.py tests/test_nn.py tests/test_transformers.py"
+grep -E "^(FAILED|ERROR)|Segmentation" "$OUT/tests.log" | tail -10
