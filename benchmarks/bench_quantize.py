@@ -92,11 +92,26 @@ def run(out_dir: str | None) -> None:
     def q_nested():
         return F.quantize_4bit(W, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
 
+    # Exactness on this data too: a slice against the reference, bit for bit.
+    small = W[:40]
+    ref_q = R.quantize_4bit(small.cpu(), BLOCKSIZE, "nf4")
+    ps, am = ops.quantize_4bit(small, BLOCKSIZE, "nf4")
+    meta["slice_equals_reference"] = bool(torch.equal(ps.cpu(), ref_q[0]) and
+                                          torch.equal(am.cpu().view(torch.int32), ref_q[1].view(torch.int32)))
+    print(f"40-row slice == reference: {meta['slice_equals_reference']}", flush=True)
+
     packed, state = q_nested()
     add("nf4kit quantize_4bit (functional, nested)", bench(q_nested), q_bytes, "whole call: kernel + mean + nested + check")
     add("nf4kit ops.quantize_4bit (kernel only)", bench(lambda: ops.quantize_4bit(W, BLOCKSIZE, "nf4")),
         b_in + b_packed + nblocks * 4, "writes float32 absmax")
+    add("nf4kit dequantize_4bit (functional, nested)", bench(lambda: F.dequantize_4bit(packed, state)), dq_bytes,
+        "nested absmax decoded in the kernel")
+    add("nf4kit dequantize_4bit to bf16 (ops)",
+        bench(lambda: ops.dequantize_4bit(packed.reshape(-1), *state._decode_args()[:-1], state.quant_type,
+                                          [ROWS, COLS], torch.bfloat16)), dq_bytes)
     absmax = ops.quantize_4bit(W, BLOCKSIZE, "nf4")[1]
+    add("torch mean of the float32 absmax (functional's offset)", bench(lambda: absmax.mean()), nblocks * 4,
+        "part of the nested call")
     offset = absmax.mean().reshape(1)
     code8 = R.create_dynamic_map().to(dev)
     add("nf4kit ops.quantize_nested_absmax", bench(lambda: ops.quantize_nested_absmax(absmax, offset, code8, 256)),
@@ -119,11 +134,6 @@ def run(out_dir: str | None) -> None:
             q8_bytes)
         del bp, bs, bq8, bs8
 
-    add("nf4kit dequantize_4bit (functional, nested)", bench(lambda: F.dequantize_4bit(packed, state)), dq_bytes,
-        "nested absmax decoded in the kernel")
-    add("nf4kit dequantize_4bit to bf16 (ops)",
-        bench(lambda: ops.dequantize_4bit(packed.reshape(-1), *state._decode_args()[:-1], state.quant_type,
-                                          [ROWS, COLS], torch.bfloat16)), dq_bytes)
     q8, s8 = F.quantize_blockwise(W, blocksize=4096)
     add("nf4kit dequantize_blockwise 8-bit bs4096 (functional)", bench(lambda: F.dequantize_blockwise(q8, s8)),
         q8_bytes)

@@ -266,7 +266,8 @@ def _check_finite(absmax: torch.Tensor, what: str) -> None:
 
 def _finite_scalar(t: torch.Tensor) -> bool:
     """Whether a one-element tensor is finite (True while compiling: no data-dependent branch)."""
-    return torch.compiler.is_compiling() or bool(torch.isfinite(t).all())
+    # .item(): one device-to-host copy, no isfinite/all kernels queued before it.
+    return torch.compiler.is_compiling() or math.isfinite(t.item())
 
 
 def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: Optional[torch.Tensor]) -> None:
@@ -349,14 +350,14 @@ def quantize_4bit(
     if not isinstance(quant_storage, torch.dtype):
         raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
     nbytes = (A.numel() + 1) // 2
-    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    itemsize = quant_storage.itemsize
     if nbytes % itemsize:
         raise ValueError(
             f"quant_storage={quant_storage} needs the packed byte count to be a multiple of {itemsize}, "
             f"but {A.numel()} elements pack into {nbytes} bytes; use quant_storage=torch.uint8 for this tensor")
 
-    code = _code_4bit(quant_type, A.device).clone()  # bnb's quant_map: FP4 index 8 is +0.0
     packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    code = _code_4bit(quant_type, A.device).clone()  # bnb's quant_map: FP4 index 8 is +0.0
     if compress_statistics:
         # The offset is torch's float32 mean on A's device (as bitsandbytes computes it); absmax - offset
         # and its 8-bit quantization then run as one kernel.

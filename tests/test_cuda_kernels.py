@@ -109,6 +109,26 @@ def test_quantize_4bit_scales_and_specials(quant_type):
     both_quantize_4bit(big[1:], 64, quant_type, "misaligned view")
 
 
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_quantize_4bit_every_decision_boundary(quant_type):
+    """Scaled values on and next to every midpoint (and every code value, 0 and +-1): the 4096 float32
+    neighbours of each by bit pattern, plus a dense grid over [-1, 1]. Each block of 64 holds +-1 first,
+    so absmax is 1, the reciprocal 1, and the scaled value is the input itself."""
+    pts = torch.cat([R.midpoints_4bit(quant_type), R.get_4bit_code(quant_type), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    near = (pts.view(torch.int32)[:, None] + torch.arange(-2048, 2049, dtype=torch.int32)[None, :]).reshape(-1)
+    vals = near.view(torch.float32)
+    vals = vals[torch.isfinite(vals) & (vals.abs() <= 1)]
+    x = torch.cat([vals, torch.linspace(-1, 1, 200_001)])
+    x = torch.cat([x, x.new_zeros(-x.numel() % 63)]).reshape(-1, 63)
+    ones = torch.ones(x.shape[0], 1)
+    ones[1::2] = -1.0
+    x = torch.cat([ones, x], dim=1).reshape(-1)
+    assert x.numel() > 300_000
+    both_quantize_4bit(x.cuda(), 64, quant_type, f"{quant_type} decision boundaries")
+    # and the same values in a partial last block (divided by absmax, not multiplied by 1 / absmax)
+    both_quantize_4bit(x[: 64 * 40 + 33].cuda(), 64, quant_type, f"{quant_type} boundaries, partial block")
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)

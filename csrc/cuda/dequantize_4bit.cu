@@ -1,10 +1,14 @@
 // CUDA kernel of dequantize_4bit (NF4 / FP4), bit for bit nf4kit/reference.py, with a nested
 // (8-bit) absmax decoded in the same kernel.
 //
-// Each thread owns chunks of 32 elements: one 16-byte load of packed codes, one absmax (every
-// blocksize is a multiple of 32, so a chunk never straddles blocks), 64 or 128 bytes written as
-// 16-byte stores. Two chunks per thread per step keep more loads in flight; a persistent grid
-// strides over the rest. All offsets are 64-bit.
+// Layout: a warp takes tiles of 2048 elements. Inside a tile, lane i of segment s owns the 16 output
+// bytes at s * 512 + 16 * i (8 halves or 4 floats): its packed codes are one 4- (2-) byte load and
+// its output one 16-byte store, so consecutive lanes read and write consecutive memory and every
+// warp store is one whole 512-byte run. All of a tile's code loads are issued before the first is
+// used. The tile's absmax values (at most 64: blocksize >= 32) are decoded once, lane j holding block
+// first + j (+ 32), and handed to the owning lanes with shuffles; nested absmax is decoded there
+// (code8 from shared memory). Products are float32 code * absmax rounded once to the output dtype.
+// A persistent grid of warps strides over the tiles; all offsets are 64-bit.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -14,48 +18,101 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChunk = 32;   // elements per chunk (16 packed bytes)
-constexpr int kUnroll = 2;   // chunks per thread per step
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kTile = 2048;  // elements per warp per step (a multiple of every blocksize <= 2048)
 
-// The thread's 16 packed bytes as four little-endian words; past the end of the stream, 0.
-__device__ __forceinline__ uint4 load_codes(const uint8_t* __restrict__ packed, int64_t base, int64_t nbytes) {
-  const int64_t b0 = base / 2;
-  if (b0 + kChunk / 2 <= nbytes) return load16_stream(packed + b0);
-  uint32_t w[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-  for (int b = 0; b < kChunk / 2; ++b)
-    if (b0 + b < nbytes) w[b / 4] |= uint32_t{packed[b0 + b]} << (8 * (b & 3));
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// Element e (0..31) of the chunk: byte e/2, high nibble for even e.
-__device__ __forceinline__ uint32_t nibble(const uint32_t (&w)[4], int e) {
-  return (w[e / 8] >> (8 * ((e / 2) & 3) + ((e & 1) ? 0 : 4))) & 15u;
-}
-
+// Per output dtype: the elements behind one 16-byte store, the packed bytes they come from, and the
+// lane-units of a tile.
 template <typename scalar_t>
-__device__ __forceinline__ void write_chunk(scalar_t* __restrict__ out, int64_t base, int64_t n, uint4 codes,
-                                            float scale, const float* s_decode) {
-  constexpr int kPer = kPerVec<scalar_t>;
-  const uint32_t w[4] = {codes.x, codes.y, codes.z, codes.w};
-  if (base + kChunk <= n) {
+struct Unit {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(scalar_t));  // 8 (16-bit) or 4 (float)
+  static constexpr int kBytes = kElems / 2;                                // 4 or 2
+  static constexpr int kSeg = 32 * kElems;                                 // elements per warp segment
+  static constexpr int kUnits = static_cast<int>(kTile) / kSeg;            // 8 or 16 per lane
+};
+
+// A unit's packed bytes as a little-endian word: whole, or (the last tile) 0 past the stream's end.
+template <int kBytes>
+__device__ __forceinline__ uint32_t load_unit_codes(const uint8_t* __restrict__ packed, int64_t e0) {
+  if constexpr (kBytes == 4) return __ldcs(reinterpret_cast<const unsigned int*>(packed + (e0 >> 1)));
+  else return __ldcs(reinterpret_cast<const unsigned short*>(packed + (e0 >> 1)));
+}
+template <int kBytes>
+__device__ __forceinline__ uint32_t load_unit_codes_tail(const uint8_t* __restrict__ packed, int64_t e0,
+                                                         int64_t nbytes) {
+  const int64_t b0 = e0 >> 1;
+  if (b0 + kBytes <= nbytes) return load_unit_codes<kBytes>(packed, e0);
+  uint32_t w = 0u;
 #pragma unroll
-    for (int v = 0; v < kChunk / kPer; ++v) {
-      float f[kPer];
+  for (int b = 0; b < kBytes; ++b)
+    if (b0 + b < nbytes) w |= uint32_t{packed[b0 + b]} << (8 * b);
+  return w;
+}
+
+// The unit's values as float32 products code * scale (byte b: element 2b high nibble, 2b+1 low).
+// The nibbles are pre-shifted to byte offsets (code * 4), so each table read is one LDS [R + base].
+template <int kElems>
+__device__ __forceinline__ void decode_unit(uint32_t w, float scale, const float* s_decode, float (&f)[kElems]) {
+  const char* table = reinterpret_cast<const char*>(s_decode);
+  const uint32_t hi4 = (w >> 2) & 0x3C3C3C3Cu, lo4 = (w << 2) & 0x3C3C3C3Cu;
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) f[j] = __fmul_rn(s_decode[nibble(w, v * kPer + j)], scale);
-      store16_stream(out + base + v * kPer, pack16<scalar_t>(f));
-    }
-  } else {
-    using T = typename DType<scalar_t>::cuda_t;
-    T* o = reinterpret_cast<T*>(out);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e)
-      if (base + e < n) o[base + e] = DType<scalar_t>::from_float(__fmul_rn(s_decode[nibble(w, e)], scale));
+  for (int b = 0; b < kElems / 2; ++b) {
+    f[2 * b] = __fmul_rn(*reinterpret_cast<const float*>(table + __byte_perm(hi4, 0u, 0x4440u | b)), scale);
+    f[2 * b + 1] = __fmul_rn(*reinterpret_cast<const float*>(table + __byte_perm(lo4, 0u, 0x4440u | b)), scale);
   }
 }
 
-template <typename scalar_t>
+// One warp's tile. kFull: every unit lies wholly before n (all tiles but the last), no bounds checks.
+// kScales: absmax values per lane, 2 only for blocksize 32 (64 blocks per tile).
+template <typename scalar_t, int kScales, bool kFull>
+__device__ __forceinline__ void dequantize_tile(const uint8_t* __restrict__ packed, const AbsmaxSource& src,
+                                                int64_t n, int log2_blocksize, const float* s_decode,
+                                                const float* s_code8, float offset, int64_t t, int lane,
+                                                scalar_t* __restrict__ out) {
+  using U = Unit<scalar_t>;
+  const int64_t tile0 = t * kTile + lane * U::kElems;  // this lane's first element
+  const int64_t nbytes = (n + 1) / 2;
+  uint32_t w[U::kUnits];
+#pragma unroll
+  for (int u = 0; u < U::kUnits; ++u)  // every code load of the tile before the first use
+    w[u] = kFull ? load_unit_codes<U::kBytes>(packed, tile0 + u * U::kSeg)
+                 : load_unit_codes_tail<U::kBytes>(packed, tile0 + u * U::kSeg, nbytes);
+
+  const int64_t first = (t * kTile) >> log2_blocksize;
+  const int64_t nblocks = ((n - 1) >> log2_blocksize) + 1;
+  float s[kScales];
+#pragma unroll
+  for (int r = 0; r < kScales; ++r) {
+    const int64_t j = first + lane + 32 * r;
+    s[r] = j < nblocks ? src.get(j, s_code8, offset) : 0.0f;
+  }
+
+#pragma unroll
+  for (int u = 0; u < U::kUnits; ++u) {
+    const int64_t e0 = tile0 + u * U::kSeg;
+    // The unit's block relative to the tile's first: a tile starts on a block boundary or (4096)
+    // inside one block, so this is the block of the in-tile offset (< 64).
+    const int idx = (u * U::kSeg + lane * U::kElems) >> log2_blocksize;
+    float scale = __shfl_sync(0xffffffffu, s[0], idx & 31);
+    if constexpr (kScales == 2) {
+      const float s1 = __shfl_sync(0xffffffffu, s[1], idx & 31);
+      scale = idx >= 32 ? s1 : scale;
+    }
+    float f[U::kElems];
+    decode_unit<U::kElems>(w[u], scale, s_decode, f);
+    if (kFull || e0 + U::kElems <= n) {
+      store16_stream(out + e0, pack16<scalar_t>(f));
+    } else if (e0 < n) {
+      using T = typename DType<scalar_t>::cuda_t;
+      T* o = reinterpret_cast<T*>(out);
+#pragma unroll
+      for (int e = 0; e < U::kElems; ++e)
+        if (e0 + e < n) o[e0 + e] = DType<scalar_t>::from_float(f[e]);
+    }
+  }
+}
+
+template <typename scalar_t, int kScales>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, AbsmaxSource src, int64_t n, int log2_blocksize,
                            Code4Tables tables, scalar_t* __restrict__ out) {
@@ -68,26 +125,14 @@ __global__ void __launch_bounds__(kThreads)
   const float offset = nested ? __ldg(src.offset) : 0.0f;
   __syncthreads();
 
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  const int64_t nbytes = (n + 1) / 2;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
-  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; c0 < nchunks;
-       c0 += step) {
-    uint4 codes[kUnroll];
-    float scale[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // every load of the step first
-      const int64_t c = c0 + u * kThreads;
-      if (c < nchunks) {
-        codes[u] = load_codes(packed, c * kChunk, nbytes);
-        scale[u] = src.get((c * kChunk) >> log2_blocksize, s_code8, offset);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + u * kThreads;
-      if (c < nchunks) write_chunk(out, c * kChunk, n, codes[u], scale[u], s_decode);
-    }
+  const int lane = threadIdx.x & 31;
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < ntiles; t += nwarps) {
+    if ((t + 1) * kTile <= n)
+      dequantize_tile<scalar_t, kScales, true>(packed, src, n, log2_blocksize, s_decode, s_code8, offset, t, lane, out);
+    else
+      dequantize_tile<scalar_t, kScales, false>(packed, src, n, log2_blocksize, s_decode, s_code8, offset, t, lane, out);
   }
 }
 
@@ -122,8 +167,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const uint8_t* bytes = w.packed.data_ptr<uint8_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "dequantize_4bit_cuda", [&] {
-    auto* kernel = &dequantize_4bit_kernel<scalar_t>;
-    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kChunk), kThreads * kUnroll));
+    auto* kernel = blocksize == 32 ? &dequantize_4bit_kernel<scalar_t, 2> : &dequantize_4bit_kernel<scalar_t, 1>;
+    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kTile), kWarps));
     kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(bytes, src, n, log2_bs, tables,
                                                                  out.data_ptr<scalar_t>());
     NF4KIT_LAUNCH_CHECK();
