@@ -13,8 +13,8 @@ from . import _ops, functional, reference  # noqa: F401
 from . import nn  # noqa: F401
 from .config import BitsAndBytesConfig
 from .functional import QuantState, matmul_4bit
-from .nn import (Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit, dequantize_model,
-                 prepare_model_for_kbit_training, quantize_model)
+from .nn import (Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, MatmulLtState, Params4bit,
+                 dequantize_model, matmul, prepare_model_for_kbit_training, quantize_model)
 from . import integrations
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BitsAndBytesConfig", "nn", "functional", "Params4bit", "Linear4bit", "LinearNF4", "LinearFP4",
     "Linear8bitLt", "Int8Params", "quantize_model", "dequantize_model", "prepare_model_for_kbit_training",
-    "matmul_4bit", "QuantState",
+    "matmul_4bit", "matmul", "MatmulLtState", "QuantState",
 ]
 
 integrations.install()

@@ -369,7 +369,6 @@ def test_quantize_model_skip_list_and_default_config():
         nf4kit.quantize_model(Toy(), BitsAndBytesConfig())
 
 
-@pytest.mark.skipif(nf4kit.Linear8bitLt is None, reason="nf4kit.nn.linear8bit not in this build")
 def test_quantize_model_8bit():
     model = Toy()
     ids = torch.randint(0, 50, (2, 5))

@@ -115,7 +115,6 @@ def test_merge_and_unload_and_exact_dense_merge():
         torch.testing.assert_close(dense(x), y_lora, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(nf4kit.Linear8bitLt is None, reason="nf4kit.nn.linear8bit not in this build")
 def test_lora_on_8bit_layers():
     from nf4kit.integrations.peft import LoraLinear8bitLt
     from nf4kit.nn.linear8bit import dequantize_weight, quantize_weight

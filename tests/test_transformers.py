@@ -237,7 +237,6 @@ def test_bitsandbytes_checkpoint_loads_onto_nf4kit(bnb_dir, fp_dir, ids):
     assert torch.equal(logits(routed, ids), logits(ours, ids))
 
 
-@pytest.mark.skipif(nf4kit.Linear8bitLt is None, reason="nf4kit.nn.linear8bit not in this build")
 def test_load_in_8bit(fp_dir, ids, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     assert isinstance(model.model.layers[0].mlp.up_proj, nf4kit.Linear8bitLt)

@@ -25,7 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import integrations as _peft_integrations
 
 from ..nn import Linear4bit, Params4bit
-from ..nn._int8 import Int8Params, Linear8bitLt, dequantize_int8_weight
+from ..nn.linear8bit import Int8Params, Linear8bitLt
+from ..nn.linear8bit import dequantize_weight as dequantize_int8_weight
 
 
 class _LoraQuantizedLinear(_lora_layer.Linear):

@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import config as _config
 from ..nn import Linear4bit, Params4bit, dequantize_model
-from ..nn._int8 import Int8Params, Linear8bitLt
+from ..nn.linear8bit import Int8Params, Linear8bitLt
 
 METHOD = _config.QUANT_METHOD
 _prefer_nf4kit: Optional[bool] = None
@@ -150,8 +150,6 @@ class Nf4kitHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(_as_nf4kit_config(quantization_config), **kwargs)
-        if self.quantization_config.load_in_8bit and Linear8bitLt is None:
-            raise NotImplementedError("load_in_8bit needs nf4kit.nn.Linear8bitLt, which this build of nf4kit lacks")
 
     @property
     def _layer(self):

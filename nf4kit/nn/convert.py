@@ -16,7 +16,8 @@ from ..config import BitsAndBytesConfig
 from .linear4bit import Linear4bit
 from .params4bit import Params4bit
 
-from ._int8 import Int8Params, Linear8bitLt, dequantize_int8_weight  # None where nn/linear8bit.py is absent
+from .linear8bit import Int8Params, Linear8bitLt
+from .linear8bit import dequantize_weight as dequantize_int8_weight
 
 
 def matches_module(name: str, patterns: Optional[Iterable[str]]) -> bool:
@@ -77,8 +78,6 @@ def _new_4bit(module: nn.Module, config: BitsAndBytesConfig, compute_dtype) -> L
 
 
 def _new_8bit(module: nn.Module, config: BitsAndBytesConfig) -> nn.Module:
-    if Linear8bitLt is None:
-        raise NotImplementedError("load_in_8bit needs nf4kit.nn.Linear8bitLt, which this build of nf4kit lacks")
     weight = module.weight.detach()
     if _is_conv1d(module):
         weight = weight.t()

@@ -16,7 +16,7 @@ from torch import nn
 
 from .params4bit import Params4bit
 
-from ._int8 import Int8Params  # None where nn/linear8bit.py is absent
+from .linear8bit import Int8Params
 
 
 def _is_quantized_param(p: torch.nn.Parameter) -> bool:
