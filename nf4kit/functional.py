@@ -25,6 +25,8 @@ __all__ = [
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4", "dequantize_nf4",
     "dequantize_fp4", "quantize_blockwise", "dequantize_blockwise", "create_dynamic_map", "get_4bit_type",
     "gemv_4bit", "matmul_4bit", "pack_dict_to_tensor", "unpack_tensor_to_dict",
+    "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant", "int8_scaled_mm",
+    "int8_double_quant",
 ]
 
 _dynamic_maps: dict[torch.device, torch.Tensor] = {}
