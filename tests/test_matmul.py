@@ -119,6 +119,15 @@ def test_batch_sizes(device, dtype):
         check_against_reference(A, B, qs, None, f"{dtype} M={M} on {device}")
 
 
+def test_weight_larger_than_one_slab_cpu():
+    """Many rows of A on the CPU dequantize W in slabs of 16M weights: a weight of 4099 x 4097 (odd,
+    not a multiple of the blocksize) takes two slabs, the second one partial."""
+    B, qs = quantized(4099, 4097, 64, "nf4", True, "cpu", torch.bfloat16, seed=11)
+    A = activations((33, 4097), torch.bfloat16, "cpu", seed=12)
+    bias = activations((4099,), torch.bfloat16, "cpu", seed=13)
+    check_against_reference(A, B, qs, bias, "bf16 M=33 N=4099 K=4097 (two slabs)")
+
+
 def test_one_output_feature_bf16(device):
     """bitsandbytes 0.50.2's CPU gemv aborts on a bf16 weight with one output row; here N=1 works."""
     for K, nested, qt in ((64, False, "nf4"), (4096, True, "nf4"), (127, True, "fp4"), (32, False, "fp4")):

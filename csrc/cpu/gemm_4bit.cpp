@@ -1,10 +1,10 @@
 // CPU kernel of gemm_4bit: out[M, N] = A[M, K] @ W[N, K]^T (+ bias), W in bitsandbytes' packed
 // 4-bit format (any K: rows may start in the middle of a byte or of an absmax block).
 //
-// W is never materialised whole: at::parallel_for hands each task a tile of W's rows, which it
-// dequantizes exactly (code * absmax in float32, as reference.dequantize_4bit) into a float
-// buffer that stays in cache, and multiplies with one float32 at::mm (the BLAS, single-threaded
-// inside the parallel region). Accumulation is float32, the output rounded once to A's dtype, so
+// W is never materialised whole: slabs of its rows are dequantized exactly (code * absmax in
+// float32, as reference.dequantize_4bit) into a float buffer and multiplied with float32 at::mm:
+// for few rows of A, small cache-resident tiles per thread; for many rows, large slabs and one
+// multithreaded BLAS call each. Accumulation is float32, the output rounded once to A's dtype, so
 // the error is never larger than that of A's-dtype matmul on the dequantized weight.
 // (bitsandbytes 0.50.2's CPU gemv_4bit returns wrong values and aborts on a bf16 weight with one
 // output row; nothing here depends on N, K or the dtype.)
@@ -19,6 +19,9 @@
 
 namespace nf4kit {
 namespace {
+
+// From this many rows of A on, W is dequantized in large slabs for one multithreaded BLAS call.
+constexpr int64_t kManyRows = 32;
 
 struct WeightView {
   const uint8_t* packed;
@@ -86,19 +89,38 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
 
   const int64_t M = a.M, N = a.N, K = a.K;
   const at::Tensor Af = a.A2.to(at::kFloat).contiguous();
-  at::Tensor outf = at::empty({M, N}, A.options().dtype(at::kFloat));
-  // Tiles of about 64K weights (256 KB of float32): cache-resident between dequantize and mm.
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 16) / K));
-  const int64_t ntiles = ceil_div(N, rows);
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(rows * K));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * rows, nr = std::min(rows, N - n0);
-      w.dequantize(n0 * K, nr * K, buf.data());
-      const at::Tensor Wt = at::from_blob(buf.data(), {nr, K}, at::TensorOptions().dtype(at::kFloat));
-      outf.narrow(1, n0, nr).copy_(at::mm(Af, Wt.t()));
+  at::Tensor outf;
+  if (M >= kManyRows) {
+    // Many rows: the product dominates. Dequantize slabs of W (up to 16M weights, 64 MB) with
+    // every thread, then one multithreaded BLAS call per slab.
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 24) / K));
+    at::Tensor slab = at::empty({rows, K}, A.options().dtype(at::kFloat));
+    float* buf = slab.data_ptr<float>();
+    outf = rows == N ? at::Tensor() : at::empty({M, N}, A.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t nr = std::min(rows, N - n0);
+      at::parallel_for(0, nr, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
+        w.dequantize((n0 + r0) * K, (r1 - r0) * K, buf + r0 * K);
+      });
+      at::Tensor part = at::mm(Af, slab.narrow(0, 0, nr).t());
+      if (rows == N) outf = part; else outf.narrow(1, n0, nr).copy_(part);
     }
-  });
+  } else {
+    // Few rows: reading W dominates. Each task dequantizes tiles of about 64K weights (256 KB,
+    // cache-resident) and multiplies them with a single-threaded BLAS call.
+    outf = at::empty({M, N}, A.options().dtype(at::kFloat));
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 16) / K));
+    const int64_t ntiles = ceil_div(N, rows);
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf(static_cast<size_t>(rows * K));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * rows, nr = std::min(rows, N - n0);
+        w.dequantize(n0 * K, nr * K, buf.data());
+        const at::Tensor Wt = at::from_blob(buf.data(), {nr, K}, at::TensorOptions().dtype(at::kFloat));
+        outf.narrow(1, n0, nr).copy_(at::mm(Af, Wt.t()));
+      }
+    });
+  }
   if (a.bias.defined()) outf.add_(a.bias);
   out.copy_(outf.reshape(a.out_shape));
   return out;
