@@ -4,14 +4,8 @@
 # Everything lands in $OUT: build.log, tests.log, memcheck.log, racecheck.log, bench.log, int8.md,
 # int8.json. Run from the repository root with .bnb carried (bitsandbytes 0.50.2 with its CUDA library).
 set -o pipefail
-OUT=${OUT:-/tmp/nf4kit_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
-# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
-# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
-# libstdc++ torch loads.
-export CC=/usr/bin/gcc CXX=/usr/bin/g++
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 NF4KIT_CUDA_SOURCES=int8.cu
+source benchmarks/gpu_env.sh
+export NF4KIT_CUDA_SOURCES=int8.cu
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/bench.log"
 start=$(date +%s)

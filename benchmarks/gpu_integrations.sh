@@ -5,14 +5,7 @@
 # (benchmarks/gpu_integrations.py). Logs land in $OUT: build.log, tests.log, integrations.json,
 # integrations.log. Run from the repository root with .bnb (and .whl: pytest wheels) carried.
 set -o pipefail
-OUT=${OUT:-/tmp/nf4kit_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
-# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
-# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
-# libstdc++ torch loads.
-export CC=/usr/bin/gcc CXX=/usr/bin/g++
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+source benchmarks/gpu_env.sh
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-quantize_4bit.cu,dequantize_4bit.cu,blockwise8.cu,gemm_4bit.cu}
 LOG=$OUT/integrations.log
 t0=$(date +%s)
@@ -21,10 +14,6 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$LOG"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
 python3 -c "import peft; print('peft', peft.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
-if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/pytest-*.whl .whl/pluggy-*.whl \
-    .whl/iniconfig-*.whl .whl/pygments-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 stamp "built ($NF4KIT_CUDA_SOURCES)"

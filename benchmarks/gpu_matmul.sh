@@ -7,14 +7,7 @@
 # and .whl (pytest wheels, installed only if the device lacks pytest) carried.
 #   STEPS="build tests sanitize tune bench" (default: all), BENCH_ARGS="--layers 8192x28672"
 set -o pipefail
-OUT=${OUT:-/tmp/nf4kit_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
-# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
-# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
-# libstdc++ torch loads.
-export CC=/usr/bin/gcc CXX=/usr/bin/g++
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+source benchmarks/gpu_env.sh
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
 STEPS=${STEPS:-build tests tune bench sanitize}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -22,10 +15,6 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
-if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/pytest-*.whl .whl/pluggy-*.whl \
-    .whl/iniconfig-*.whl .whl/pygments-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 
 if has build; then
   python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || {

@@ -4,14 +4,7 @@
 # build.log, tests.log, sanitizer.log, bench.log, quantize.md, quantize.json.
 # Run from the repository root with .bnb carried (bitsandbytes 0.50.2 with its CUDA library).
 set -o pipefail
-OUT=${OUT:-/tmp/nf4kit_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
-# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and
-# crash on any iostream use (c10::str in TORCH_CHECK); build with the system gcc that matches the
-# libstdc++ torch loads.
-export CC=/usr/bin/gcc CXX=/usr/bin/g++
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+source benchmarks/gpu_env.sh
 # every CUDA file by default: the last step checks the rest of the tree on the GPU too
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-}
 MINE=tests/test_cuda_kernels.py

@@ -5,18 +5,11 @@
 #   bash benchmarks/run_gpu.sh            STEPS="build tests bench" by default
 # Logs and results land in $OUT (tests.log, build.log, and each benchmark's md/json).
 set -o pipefail
-OUT=${OUT:-/tmp/nf4kit_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
-# The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up inside _C and crash on iostream
-# use; build with the system gcc that matches the libstdc++ torch loads.
-export CC=/usr/bin/gcc CXX=/usr/bin/g++ TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+source benchmarks/gpu_env.sh
 STEPS=${STEPS:-build tests bench}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 if has build; then
   python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   stamp built; python3 -m nf4kit info
