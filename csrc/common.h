@@ -92,6 +92,16 @@ NF4KIT_HD uint8_t nearest_code_index(int i, const float* code) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// "[d0, d1, ...]" built with std::to_string, not iostreams: an IntArrayRef streamed into an error
+// message (c10::str) segfaulted in a _C built with the device image's /opt/gcc g++ (its libstdc++
+// pieces end up inside _C); the device scripts now build with the system gcc, and messages stay
+// iostream-free anyway.
+inline std::string dims_string(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 // Everything quantizing and dequantizing need from one 4-bit code, built on the host and passed
 // to kernels by value (a plain struct, no host-only members).
 struct Code4Tables {

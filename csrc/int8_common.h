@@ -28,14 +28,6 @@ inline float rounded_threshold(double threshold, at::ScalarType dtype) {
   }
 }
 
-// "[d0, d1, ...]" without iostreams: streaming an IntArrayRef into an error message segfaulted
-// inside _C on the device toolchain (torch 2.11, seen 2026-11-27).
-inline std::string dims(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 // Rows of a [..., K] tensor: the product of its leading dimensions.
 inline int64_t rows_of(const at::Tensor& A) {
   int64_t r = 1;
@@ -53,7 +45,7 @@ inline std::vector<int64_t> out_shape(const at::Tensor& A, int64_t N) {
 inline void check_quant_args(const at::Tensor& A) {
   check_float_input(A, "A");
   TORCH_CHECK_VALUE(A.dim() >= 1, "A must have at least one dimension, got a scalar");
-  TORCH_CHECK_VALUE(A.size(-1) > 0, "A's last dimension must not be 0, got shape ", dims(A));
+  TORCH_CHECK_VALUE(A.size(-1) > 0, "A's last dimension must not be 0, got shape ", dims_string(A.sizes()));
 }
 
 // int8 A [..., K] and int8 B [N, K] on one device.
@@ -61,9 +53,9 @@ inline void check_matmul_args(const at::Tensor& A, const at::Tensor& B) {
   check_dtype(A, at::kChar, "A");
   check_dtype(B, at::kChar, "B");
   TORCH_CHECK_VALUE(A.dim() >= 1, "A must have at least one dimension, got a scalar");
-  TORCH_CHECK_VALUE(B.dim() == 2, "B must be 2-D [N, K], got shape ", dims(B));
+  TORCH_CHECK_VALUE(B.dim() == 2, "B must be 2-D [N, K], got shape ", dims_string(B.sizes()));
   TORCH_CHECK_VALUE(A.size(-1) == B.size(1), "A's last dimension (", A.size(-1), ") must equal B's K (",
-                    B.size(1), "): A ", dims(A), ", B ", dims(B));
+                    B.size(1), "): A ", dims_string(A.sizes()), ", B ", dims_string(B.sizes()));
   check_device(B, A.device(), "B");
 }
 

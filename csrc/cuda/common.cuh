@@ -195,15 +195,6 @@ __device__ __forceinline__ uint4 load16_stream(const void* p) { return __ldcs(re
 __device__ __forceinline__ void store16_stream(void* p, uint4 v) { __stcs(reinterpret_cast<uint4*>(p), v); }
 __device__ __forceinline__ uint2 load8_stream(const void* p) { return __ldcs(reinterpret_cast<const uint2*>(p)); }
 
-// "shape [2, 3]" built without iostreams. On the device machine's toolchain an integer formatted
-// through std::ostream (c10::str) from nvcc-compiled host code crashed inside a libstdc++ copy
-// linked into _C (segfault in ostream::_M_insert<long>); std::to_string does not go there.
-inline std::string shape_string(at::IntArrayRef shape) {
-  std::string s = "shape [";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const int64_t n = shape_numel(shape, "shape");
   const c10::cuda::CUDAGuard guard(packed.device());
   Packed4bit w = check_packed_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                   quant_type, n, shape_string(shape));
+                                   quant_type, n, "shape " + dims_string(shape));
   if (!aligned16(w.packed.data_ptr())) w.packed = w.packed.clone();  // 16-byte loads need alignment
 
   AbsmaxSource src{};
