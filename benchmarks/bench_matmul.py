@@ -8,7 +8,7 @@ output); FLOPs are 2 M N K. The card's two ceilings are measured in the same run
 device-to-device copy (bytes read + written) and an 8192^3 fp16 matmul.
 
     python benchmarks/bench_matmul.py                 # all layers -> benchmarks/results/<gpu>/matmul.{md,json,png}
-    python benchmarks/bench_matmul.py --tune          # skinny-kernel configs and path crossovers (8192x28672)
+    python benchmarks/bench_matmul.py --tune          # skinny kernel and path crossovers (8192x28672)
     python benchmarks/bench_matmul.py --sanitize      # every kernel once at odd shapes (for compute-sanitizer)
     python benchmarks/bench_matmul.py --plot results/h100/matmul.json   # PNG from a saved JSON (no GPU)
 """
@@ -226,7 +226,7 @@ def plot(json_path: str) -> None:
 
 
 def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
-    """Skinny-kernel (RG, KS) configs and the time of every path, to set the dispatch thresholds."""
+    """The skinny kernel at small batches and the time of every path, to set the dispatch thresholds."""
     import nf4kit.functional as F
     dtype = getattr(torch, dtype_name)
     W = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
@@ -237,9 +237,8 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         t_c = bench(lambda: TF.linear(A, W))
         res = []
-        for cfg in ("", "4,2", "2,4", "1,8", "8,1"):
-            with env(NF4KIT_GEMM_PATH="skinny", NF4KIT_GEMV_CFG=cfg):
-                res.append((cfg or "auto", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
+        with env(NF4KIT_GEMM_PATH="skinny"):
+            res.append(("skinny", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
         print(f"  M={M:3d} cublas {t_c:.4f} | " + " ".join(f"{c}:{t:.4f}({t_c / t:.2f}x)" for c, t in res), flush=True)
     for M in ((32, 48, 64, 96, 128, 256, 1024, 4096) if sweep_paths else ()):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -247,7 +246,7 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
         t_c = bench(lambda: TF.linear(A, W), rep)
         res = []
         for path in ("skinny", "tc", "dequant"):
-            if path == "skinny" and M > 32:
+            if path == "skinny" and M > 256:
                 continue
             with env(NF4KIT_GEMM_PATH=path):
                 res.append((path, bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)))
@@ -274,6 +273,7 @@ def sanitize():
     torch.manual_seed(0)
     worst = 0.0
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
+             ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
@@ -318,7 +318,7 @@ if __name__ == "__main__":
     elif args.sanitize:
         sanitize()
     elif args.tune:
-        tune()
+        tune(sweep_paths=os.environ.get("TUNE_PATHS", "1") == "1")
         tune(4096, 4096, sweep_paths=False)
     else:
         layers = LAYERS if not args.layers else tuple(tuple(int(v) for v in s.split("x")) for s in args.layers.split(","))

@@ -68,7 +68,7 @@ if has ncu; then
     echo "=== ncu $prof ===" >> "$OUT/ncu.log"
     timeout 90 "$NCU" --clock-control none --kernel-name regex:$kname --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-      --section SchedulerStats --section LaunchStats python3 benchmarks/bench_matmul.py --profile $prof >> "$OUT/ncu.log" 2>&1
+      --section SchedulerStats --section LaunchStats ${NCU_EXTRA:-} python3 benchmarks/bench_matmul.py --profile $prof >> "$OUT/ncu.log" 2>&1
     stamp "ncu $prof rc=$?"
   done
   grep -E "^=== ncu|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy|Issued Warp|No Eligible|Stall" "$OUT/ncu.log" | head -60

@@ -3,11 +3,11 @@
 //
 // Three kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kTcMaxM):
-//  * skinny (M <= 32, fp16/bf16, K % 32 == 0): streams W once. Each warp owns 32 rows of W and
-//    a share of K; W is the mma.sync A operand (16 rows of N per m16 tile) decoded straight into
-//    registers through a per-lane byte -> pair table, the batch is the n=8 side. Packed W reaches
-//    shared memory through a per-thread 4-stage cp.async ring (each thread reads back only what
-//    it copied: no barriers in the loop).
+//  * skinny (M <= 32, fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
+//    block owns 32 rows of W and its 8 warps take turns over K; packed W reaches shared memory by
+//    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
+//    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
+//    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //  * tensor-core GEMM (32 < M <= kTcMaxM): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.
@@ -25,6 +25,7 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <utility>
 
 #include "../gemm_4bit.h"
@@ -102,77 +103,150 @@ __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_
 }
 
 // =============================================================================================
-// Skinny kernel (M <= 8 * NT <= 32)
+// Skinny kernel (small M; the host runs it over the batch in slices of at most 32 rows)
 // =============================================================================================
-// Warp w of a block of RG * KS warps: row group rg = w % RG (32 rows of W: two m16 tiles),
-// K share ks = w / RG (128-wide chunks ks, ks + KS, ...). Thread (g = lane / 4, c = lane % 4)
-// copies, per chunk, 16 bytes (32 consecutive k) of each of its 4 rows (g, g + 8 of both tiles)
-// at k = chunk * 128 + 32 c. mma's k order is free as long as both operands agree: at step j
-// (0..7) the thread's k slots {2c, 2c+1 | 2c+8, 2c+9} are its elements {4j, 4j+1 | 4j+2, 4j+3},
-// i.e. packed bytes 2j and 2j+1, and the matching activations are 8 contiguous bytes of A.
+// A block owns 32 rows of W; its 8 warps take turns over K in 64-wide groups (warp w: group w of
+// every 512-wide stage). W is mma's A operand (two m16 tiles per warp), the batch its n side (NT n8
+// tiles). mma's k order is free as long as both operands agree, so thread (g = lane / 4, c = lane % 4)
+// takes, per group and row, the packed bytes [8c, 8c + 8) of the row's 32 (k = 16c .. 16c + 15), and
+// step j (0..3) uses its bytes 2j and 2j + 1 (k = 16c + 4j .. + 3) against 4 contiguous activations.
+// Then all 16 k of an mma step, and all 64 of the group, lie in one quantization block when
+// blocksize >= 64 and K % 64 == 0 (UNIFORM): up to 16 rows (FOLD) the mma runs on the bare codes and
+// the group's float32 partial sums are scaled by the block's absmax (the code's one rounding to T is
+// all, as in cuBLAS on the dequantized weight, and no multiply per weight); otherwise every pair of
+// codes is scaled before the mma.
+//
+// Decode: one shared-memory load turns a packed byte into its two codes (a T pair) from a per-lane
+// table with 256-byte rows: entry v of lane l at byte v * 256 + 4 l, so the address is a single PRMT
+// of the packed word and 4 l (no add when the table sits at shared address 0, as the kernel checks),
+// and 32 lanes hit 32 distinct banks.
+// Packed W: the block copies each 32 x 256-byte stage with cp.async, 16 contiguous bytes per thread
+// (whole 128-byte lines per warp instruction), into a 4-stage ring that lives in the table rows'
+// unused upper halves; one barrier per stage. (Loading each lane's 8-byte pieces straight from
+// global memory cost 8 L1 wavefronts per 256 bytes: ncu showed the L1 data pipe, not DRAM, as the
+// limit.)
+constexpr int kSkinnyWarps = 8;
+constexpr int kSkinnyRows = 32;                             // W rows per block
+constexpr int kSkinnyGroup = 64;                            // k per warp per stage
+constexpr int kSkinnyStageK = kSkinnyWarps * kSkinnyGroup;  // k per stage: 256 bytes of each row
 constexpr int kSkinnyStages = 4;
-constexpr int kSkinnyMaxWarps = 8;
-constexpr int kSkinnyRows = 32;
-constexpr int kSkinnyChunk = 128;
+constexpr int kSkinnyMaxM = 32;                             // batch rows per launch (NT <= 4)
+constexpr int kWideTableBytes = 256 * 256;
+constexpr uint32_t kSkinnyRingStride = 2 * kSkinnyRows * 256;  // 64 holes per stage
+static_assert(kSkinnyStages * kSkinnyRingStride == kWideTableBytes, "the ring fills the table's 256 holes");
 
-inline size_t skinny_smem_bytes(int threads) {
-  return mma::kPairTableBytes + 1024 + size_t(kSkinnyStages) * 4 * threads * 16;
+// Byte offset, in the ring's stage 0, of a row, half of its 256 bytes, 32-byte slot in the half and
+// 16-byte sub-chunk: the ring lives in the table's row holes (hole 2 row + half, at hole * 256 +
+// 128), slots rotated by row so that the 4 rows a half-warp reads back hit distinct banks.
+__host__ __device__ constexpr uint32_t ring_offset(int row, int half, int slot, int sub) {
+  return static_cast<uint32_t>((2 * row + half) * 256 + 128 + ((slot ^ (row & 3)) * 32) + sub * 16);
 }
 
-template <typename T, int NT>
-__global__ void __launch_bounds__(kSkinnyMaxWarps * 32)
-    gemm4_skinny_kernel(const GemmParams p, const int RG, const int KS) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
-  float* code8 = reinterpret_cast<float*>(smem + mma::kPairTableBytes);
-  uint4* wbuf = reinterpret_cast<uint4*>(smem + mma::kPairTableBytes + 1024);
-  const int tid = threadIdx.x, nthr = blockDim.x;
-  mma::build_pair_table<T>(tab, p.code);
-  const float off = stage_nested(p.absmax, code8);
-  __syncthreads();
+inline size_t skinny_smem_bytes() { return kWideTableBytes + 1024; }
 
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int rg = warp % RG, ks = warp / RG;
+template <typename T>
+__device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&code)[16]) {
+  // Row v: lanes 0..31 hold the same pair; 8 16-byte stores per row, the rest of the row unused.
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    const int v = i >> 3;
+    const uint32_t pr = pack2<T>(code[v >> 4], code[v & 15]);
+    *reinterpret_cast<uint4*>(smem + v * 256 + (i & 7) * 16) = make_uint4(pr, pr, pr, pr);
+  }
+}
+// Byte b of w -> its pair, for the lane whose 4 l is lane4. ZB: the table sits at shared address 0
+// (the kernel checks), so the PRMT result is the address itself; otherwise one add more.
+template <bool ZB>
+__device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, uint32_t w, int b) {
+  const uint32_t a = __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4));
+  uint32_t r;
+  asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(ZB ? a : tab + a));
+  return r;
+}
+
+// The kernel after its tables are staged (smem: pair table with the ring in its row holes, code8).
+template <typename T, int NT, bool UNIFORM, bool ZB>
+__device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off) {
+  constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
+  constexpr int R = UNIFORM ? 1 : 4;         // absmax values a lane loads per group
+  constexpr int S = kSkinnyStages;
+  constexpr int SK = kSkinnyStageK;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * RG + rg) * kSkinnyRows;
-  int64_t roff[4];  // element offset of row i = n0 + 16 (i / 2) + 8 (i % 2) + g (clamped into W)
-#pragma unroll
-  for (int i = 0; i < 4; ++i) roff[i] = std::min<int64_t>(n0 + 16 * (i >> 1) + 8 * (i & 1) + g, N - 1) * K;
-  const int64_t nchunks = (K + kSkinnyChunk - 1) / kSkinnyChunk;
-  const int64_t count = ks < nchunks ? (nchunks - ks + KS - 1) / KS : 0;
-  const uint32_t tab_lane = lane_table(smem, lane);
-  const int64_t kstep = static_cast<int64_t>(KS) * kSkinnyChunk;
-  const int64_t k_first = static_cast<int64_t>(ks) * kSkinnyChunk + 32 * c;  // this thread's k in chunk 0
-  // Activation rows of the thread (m = 8 nt + g), as byte pointers at k_first; null past M.
-  const uint8_t* arow[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) arow[nt] = nt * 8 + g < M ? p.A + ((nt * 8 + g) * K + k_first) * 2 : nullptr;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSkinnyRows;
+  const int nstages = static_cast<int>((K + SK - 1) / SK);
+  const uint32_t tab = mma::smem_addr(smem), lane4 = 4u * lane;
+  const bool nested = p.absmax.absmax_f32 == nullptr;
 
-  // Copies of the thread's 4 x 16 bytes of chunk after chunk; past K (or past the warp's last
-  // chunk) only the (empty) group is committed, so group i is always chunk i.
-  int64_t k_issue = k_first;
-  int slot_issue = 0;
-  auto issue = [&]() {
-    if (k_issue < K) {
-      uint4* dst = wbuf + slot_issue * 4 * nthr + tid;
+  // Copy side: thread t copies 16-byte chunks t and t + 256 of a stage (row id / 16, chunk id % 16
+  // of the row's 256 bytes); rows past N and k past K as zeros. Pointers and k advance per stage.
+  const uint8_t* src[2];
+  uint32_t dst[2];
+  int kq[2];
+  bool rok[2];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) mma::cp_async16(dst + r * nthr, p.packed + (roff[r] + k_issue) / 2, true);
+  for (int i = 0; i < 2; ++i) {
+    const int id = tid + 256 * i, row = id >> 4, q = id & 15;
+    rok[i] = n0 + row < N;
+    src[i] = p.packed + (std::min<int64_t>(n0 + row, N - 1) * K) / 2 + 16 * q;
+    kq[i] = 32 * q;
+    dst[i] = tab + ring_offset(row, q >> 3, (q & 7) >> 1, q & 1);
+  }
+  int s_issue = 0;
+  int64_t k_issue = 0;
+  auto issue = [&]() {
+    if (s_issue < nstages) {
+      const uint32_t si = static_cast<uint32_t>(s_issue & (S - 1));
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const bool ok = rok[i] && k_issue + kq[i] < K;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
+                     "l"(ok ? src[i] : p.packed), "r"(ok ? 16 : 0)
+                     : "memory");
+      }
     }
     mma::cp_async_commit();
-    k_issue += kstep;
-    slot_issue = (slot_issue + 1) & (kSkinnyStages - 1);
-  };
-  auto load_raws = [&](int64_t k, RawScale (&rs)[4]) {
-    if (k < K) {
+    ++s_issue;
+    k_issue += SK;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) rs[r] = load_scale(p.absmax, (roff[r] + k) >> p.bs_shift);
-    }
+    for (int i = 0; i < 2; ++i) src[i] += SK / 2;
   };
 
+  // Compute side: warp w takes group w of every stage; the lane reads its 8 bytes of each of its 4
+  // rows (n0 + 16 (r / 2) + 8 (r % 2) + g) back. Scales: UNIFORM, row r = c's (the block of the
+  // whole group), then shuffled; otherwise its own 4 rows' at its k.
+  uint32_t rd[4];
 #pragma unroll
-  for (int s = 0; s < kSkinnyStages - 1; ++s) issue();
-  RawScale raw[4];
-  load_raws(k_first, raw);
+  for (int r = 0; r < 4; ++r)
+    rd[r] = (ZB ? 0u : tab) + ring_offset(16 * (r >> 1) + 8 * (r & 1) + g, w >> 2, w & 3, 0) + 8 * c;
+  auto row_of = [&](int r) { return std::min<int64_t>(n0 + 16 * (r >> 1) + 8 * (r & 1) + g, N - 1); };
+  int64_t es[R];  // element index of the lane's scale(s) in the current stage
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    es[r] = UNIFORM ? row_of(c) * K + w * kSkinnyGroup : row_of(r) * K + w * kSkinnyGroup + 16 * c;
+  int64_t k_lane = static_cast<int64_t>(w) * kSkinnyGroup + 16 * c;  // the lane's k in the current stage
+  const uint8_t* ap[NT];  // activation row 8 nt + g at k_lane, or null past M
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) ap[nt] = nt * 8 + g < M ? p.A + ((nt * 8 + g) * K + k_lane) * 2 : nullptr;
+
+  // Raw absmax of the next stage, loaded a stage ahead.
+  uint32_t qv[R];
+  float vv[R];
+  auto raw = [&](int64_t kl) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      qv[r] = 0u;
+      vv[r] = 0.0f;
+      if (kl < K) {
+        const uint32_t b = static_cast<uint32_t>(es[r] >> p.bs_shift);
+        if (nested) {
+          qv[r] = __ldg(p.absmax.absmax_u8 + b);
+          vv[r] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+        } else {
+          vv[r] = __ldg(p.absmax.absmax_f32 + b);
+        }
+      }
+    }
+  };
 
   float acc[2][NT][4];
 #pragma unroll
@@ -182,78 +256,125 @@ __global__ void __launch_bounds__(kSkinnyMaxWarps * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
 
-  int64_t k = k_first;
-  int slot = 0;
-  for (int64_t i = 0; i < count; ++i, k += kstep, slot = (slot + 1) & (kSkinnyStages - 1)) {
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue();
+  raw(k_lane);
+  for (int s = 0; s < nstages; ++s) {
+    mma::cp_async_wait<S - 2>();
+    __syncthreads();  // stage s is in; stage s - 1's slot is free for stage s + S - 1
     issue();
-    RawScale nraw[4];
-    load_raws(k + kstep, nraw);
-    const bool valid = k < K;
-    uint32_t s2[4];
+    uint32_t qc[R];
+    float vc[R];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) s2[r] = mma::splat2<T>(valid ? finish_scale(p.absmax, raw[r], code8, off) : 0.0f);
-    mma::cp_async_wait<kSkinnyStages - 1>();
-    const uint4* src = wbuf + slot * 4 * nthr + tid;
-    uint4 wv[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) wv[r] = valid ? src[r * nthr] : make_uint4(0u, 0u, 0u, 0u);
-    const int64_t adv = (k - k_first) * 2;
-
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      uint4 bq[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        bq[nt] = (valid && arow[nt] != nullptr) ? __ldg(reinterpret_cast<const uint4*>(arow[nt] + adv) + jj)
-                                                : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int sub = 0; sub < 2; ++sub) {
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const uint32_t wlo = word(wv[2 * mt], jj), whi = word(wv[2 * mt + 1], jj);
-          uint32_t a[4];
-          a[0] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * sub), s2[2 * mt]);
-          a[1] = mma::mul2<T>(lookup(tab_lane, whi, 2 * sub), s2[2 * mt + 1]);
-          a[2] = mma::mul2<T>(lookup(tab_lane, wlo, 2 * sub + 1), s2[2 * mt]);
-          a[3] = mma::mul2<T>(lookup(tab_lane, whi, 2 * sub + 1), s2[2 * mt + 1]);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            mma::mma_16816<T>(acc[mt][nt], a, word(bq[nt], 2 * sub), word(bq[nt], 2 * sub + 1));
-        }
-      }
+    for (int r = 0; r < R; ++r) {
+      qc[r] = qv[r];
+      vc[r] = vv[r];
+      es[r] += SK;
     }
+    if (s + 1 < nstages) raw(k_lane + SK);
+    const uint32_t si = static_cast<uint32_t>(s & (S - 1));
+    {  // the warp's group of this stage
+      const bool live = k_lane < K;  // false for the upper lanes/warps of a partial last stage
+      float sc[4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) raw[r] = nraw[r];
-  }
-  mma::cp_async_wait<0>();
-
-  if (KS > 1) {  // sum the K shares of each row group in shared memory (reusing the table)
-    constexpr int E = 2 * NT * 4;
-    float* red = reinterpret_cast<float*>(smem);
-    __syncthreads();
-    if (ks > 0) {
+      for (int r = 0; r < R; ++r) sc[r] = !live ? 0.0f : nested ? nested_absmax_value(code8[qc[r]], vc[r], off) : vc[r];
+      if constexpr (UNIFORM) {  // lane 4 g + r loaded row r's
+        const float own = sc[0];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sc[r] = __shfl_sync(0xffffffffu, own, (lane & ~3) | r);
+      }
+      uint32_t s2[4];
+      if constexpr (!FOLD) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s2[r] = mma::splat2<T>(sc[r]);
+      }
+      uint2 wv[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(wv[r].x), "=r"(wv[r].y)
+                     : "r"(rd[r] + si * kSkinnyRingStride));
+      float part[2][NT][4];  // the group's sums (FOLD)
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) red[(warp * E + (mt * NT + nt) * 4 + e) * 32 + lane] = acc[mt][nt][e];
-    }
-    __syncthreads();
-    if (ks == 0) {
-      for (int k2 = 1; k2 < KS; ++k2) {
-        const int w2 = k2 * RG + rg;
+          for (int e = 0; e < 4; ++e) part[mt][nt][e] = 0.0f;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // activations k = 16 c + 8 half .. + 7
+        uint4 bq[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          bq[nt] = (live && ap[nt] != nullptr)
+                       ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
+                       : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {  // step j = 2 half + jj: bytes 2j, 2j + 1 = word half, bytes 2jj, 2jj + 1
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const uint32_t wlo = half ? wv[2 * mt].y : wv[2 * mt].x;
+            const uint32_t whi = half ? wv[2 * mt + 1].y : wv[2 * mt + 1].x;
+            uint32_t a[4];
+            a[0] = wide_lookup<ZB>(tab, lane4, wlo, 2 * jj);
+            a[1] = wide_lookup<ZB>(tab, lane4, whi, 2 * jj);
+            a[2] = wide_lookup<ZB>(tab, lane4, wlo, 2 * jj + 1);
+            a[3] = wide_lookup<ZB>(tab, lane4, whi, 2 * jj + 1);
+            if constexpr (!FOLD) {
+              a[0] = mma::mul2<T>(a[0], s2[2 * mt]);
+              a[1] = mma::mul2<T>(a[1], s2[2 * mt + 1]);
+              a[2] = mma::mul2<T>(a[2], s2[2 * mt]);
+              a[3] = mma::mul2<T>(a[3], s2[2 * mt + 1]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              if constexpr (FOLD) mma::mma_16816<T>(part[mt][nt], a, word(bq[nt], 2 * jj), word(bq[nt], 2 * jj + 1));
+              else mma::mma_16816<T>(acc[mt][nt], a, word(bq[nt], 2 * jj), word(bq[nt], 2 * jj + 1));
+            }
+          }
+        }
+      }
+      if constexpr (FOLD) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[(w2 * E + (mt * NT + nt) * 4 + e) * 32 + lane];
+          for (int nt = 0; nt < NT; ++nt) {
+            acc[mt][nt][0] = fmaf(sc[2 * mt], part[mt][nt][0], acc[mt][nt][0]);
+            acc[mt][nt][1] = fmaf(sc[2 * mt], part[mt][nt][1], acc[mt][nt][1]);
+            acc[mt][nt][2] = fmaf(sc[2 * mt + 1], part[mt][nt][2], acc[mt][nt][2]);
+            acc[mt][nt][3] = fmaf(sc[2 * mt + 1], part[mt][nt][3], acc[mt][nt][3]);
+          }
       }
     }
+    k_lane += SK;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      if (ap[nt] != nullptr) ap[nt] += 2 * SK;
   }
-  if (ks == 0) {
+  mma::cp_async_wait<0>();
+
+  // Sum the 8 warps' shares in shared memory (reusing the table) and store.
+  constexpr int E = 2 * NT * 4;
+  float* red = reinterpret_cast<float*>(smem);
+  __syncthreads();
+  if (w > 0) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(w * E + (mt * NT + nt) * 4 + e) * 32 + lane] = acc[mt][nt][e];
+  }
+  __syncthreads();
+  if (w == 0) {
+    for (int w2 = 1; w2 < kSkinnyWarps; ++w2) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[(w2 * E + (mt * NT + nt) * 4 + e) * 32 + lane];
+    }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       const int64_t na = n0 + 16 * mt + g;
@@ -267,6 +388,18 @@ __global__ void __launch_bounds__(kSkinnyMaxWarps * 32)
       }
     }
   }
+}
+
+// Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two above.
+template <typename T, int NT, bool UNIFORM>
+__global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
+  build_wide_table<T>(smem, p.code);
+  const float off = stage_nested(p.absmax, code8);
+  __syncthreads();
+  if (mma::smem_addr(smem) == 0) skinny_main<T, NT, UNIFORM, true>(p, smem, code8, off);
+  else skinny_main<T, NT, UNIFORM, false>(p, smem, code8, off);
 }
 
 // =============================================================================================
@@ -568,6 +701,7 @@ Path path_override() {
 //   > 64         dequantize + cuBLAS: at M=96-128 the two are equal (0.41 vs 0.44 ms), from 256 on
 //                dequantize + cuBLAS wins (0.49 vs 0.83 ms at 256, 2.9 vs 10.6 ms at 4096).
 // None of the three beats cuBLAS fp16 between M=32 and 4096 yet (0.3x-0.95x): see the results.
+constexpr int64_t kSkinnyAutoMaxM = 32;
 constexpr int64_t kTcMaxM = 64;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {
@@ -617,36 +751,35 @@ void allow_smem(Kernel* kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-struct SkinnyCfg {
-  int RG, KS;
-};
-
-// Row groups and K shares per block (RG * KS <= 8 warps). Enough warps to keep ~8 per SM
-// streaming, K split only as far as needed; NF4KIT_GEMV_CFG="RG,KS" overrides (tuning aid).
-SkinnyCfg skinny_config(int64_t N, int64_t K, int sms) {
-  if (const char* s = std::getenv("NF4KIT_GEMV_CFG")) {
-    int rg = 0, ks = 0;
-    if (std::sscanf(s, "%d,%d", &rg, &ks) == 2 && rg >= 1 && ks >= 1 && rg * ks <= kSkinnyMaxWarps) return {rg, ks};
-  }
-  const int64_t tiles = ceil_div(N, kSkinnyRows), chunks = ceil_div(K, kSkinnyChunk);
-  int KS = 1;
-  while (KS < kSkinnyMaxWarps && tiles * KS < int64_t{sms} * 8 && chunks >= 4 * KS) KS *= 2;
-  int RG = kSkinnyMaxWarps / KS;
-  while (RG > 1 && ceil_div(tiles, RG) < int64_t{sms}) RG /= 2;
-  return {RG, KS};
+template <typename T, int NT, bool UNIFORM>
+void launch_skinny_slice(const GemmParams& p, cudaStream_t stream) {
+  auto* kernel = &gemm4_skinny_kernel<T, NT, UNIFORM>;
+  allow_smem(kernel, static_cast<int>(skinny_smem_bytes()));
+  const int64_t blocks = ceil_div(p.N, kSkinnyRows);
+  kernel<<<static_cast<unsigned>(blocks), kSkinnyWarps * 32, skinny_smem_bytes(), stream>>>(p);
+  NF4KIT_LAUNCH_CHECK();
 }
 
-template <typename T, int NT>
-void launch_skinny(const GemmParams& p, cudaStream_t stream) {
-  const int sms = sm_count();
-  const SkinnyCfg cfg = skinny_config(p.N, p.K, sms);
-  const int threads = cfg.RG * cfg.KS * 32;
-  const size_t smem = skinny_smem_bytes(threads);
-  auto* kernel = &gemm4_skinny_kernel<T, NT>;
-  allow_smem(kernel, static_cast<int>(skinny_smem_bytes(kSkinnyMaxWarps * 32)));
-  const int64_t blocks = ceil_div(ceil_div(p.N, kSkinnyRows), cfg.RG);
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p, cfg.RG, cfg.KS);
-  NF4KIT_LAUNCH_CHECK();
+// The batch in slices of at most 32 rows, each one pass over W.
+template <typename T>
+void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) {
+  // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
+  // group's float32 sums instead of each pair of codes.
+  const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0;
+  for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
+    GemmParams q = p;
+    q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
+    q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
+    q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
+    auto go = [&](auto uniform_tag) {
+      constexpr bool UN = decltype(uniform_tag)::value;
+      if (q.M <= 8) launch_skinny_slice<T, 1, UN>(q, stream);
+      else if (q.M <= 16) launch_skinny_slice<T, 2, UN>(q, stream);
+      else launch_skinny_slice<T, 4, UN>(q, stream);
+    };
+    if (uniform) go(std::true_type{});
+    else go(std::false_type{});
+  }
 }
 
 template <typename T, int BM>
@@ -688,11 +821,11 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   if (!aligned16(pk.data_ptr())) pk = pk.clone();  // 16-byte loads of W
 
   Path path = path_override();
-  if (path == Path::Skinny && !(mma_ok && a.M <= 32)) path = Path::Auto;
+  if (path == Path::Skinny && !mma_ok) path = Path::Auto;
   if (path == Path::TensorCore && !(mma_ok && ceil_div(a.N, 128) <= 65535)) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
-    if (mma_ok && a.M <= 32) path = Path::Skinny;
+    if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
     else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
              ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
       path = Path::TensorCore;
@@ -717,9 +850,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (path == Path::Skinny) {
-      if (a.M <= 8) launch_skinny<T, 1>(p, stream);
-      else if (a.M <= 16) launch_skinny<T, 2>(p, stream);
-      else launch_skinny<T, 4>(p, stream);
+      launch_skinny<T>(p, a.blocksize, stream);
     } else if (a.M <= 128) {
       launch_tc<T, 64>(p, stream);
     } else {
