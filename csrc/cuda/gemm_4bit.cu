@@ -133,6 +133,8 @@ constexpr int kSkinnyStages = 4;
 constexpr int kSkinnyMaxM = 32;                             // batch rows per launch (NT <= 4)
 constexpr int kWideTableBytes = 256 * 256;
 constexpr uint32_t kSkinnyRingStride = 2 * kSkinnyRows * 256;  // 64 holes per stage
+constexpr int kSkinnyScaleOffset = kWideTableBytes + 1024;      // scale tables, after code8
+constexpr int kSkinnyScaleBytes = 2 * kSkinnyRows * (4 * kSkinnyWarps + 1) * 4;
 static_assert(kSkinnyStages * kSkinnyRingStride == kWideTableBytes, "the ring fills the table's 256 holes");
 
 // Byte offset, in the ring's stage 0, of a row, half of its 256 bytes, 32-byte slot in the half and
@@ -142,7 +144,7 @@ __host__ __device__ constexpr uint32_t ring_offset(int row, int half, int slot, 
   return static_cast<uint32_t>((2 * row + half) * 256 + 128 + ((slot ^ (row & 3)) * 32) + sub * 16);
 }
 
-inline size_t skinny_smem_bytes() { return kWideTableBytes + 1024; }
+inline size_t skinny_smem_bytes() { return kSkinnyScaleOffset + kSkinnyScaleBytes; }
 
 template <typename T>
 __device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&code)[16]) {
@@ -167,7 +169,6 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 template <typename T, int NT, bool UNIFORM, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off) {
   constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
-  constexpr int R = UNIFORM ? 1 : 4;         // absmax values a lane loads per group
   constexpr int S = kSkinnyStages;
   constexpr int SK = kSkinnyStageK;
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -218,35 +219,61 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 #pragma unroll
   for (int r = 0; r < 4; ++r)
     rd[r] = (ZB ? 0u : tab) + ring_offset(16 * (r >> 1) + 8 * (r & 1) + g, w >> 2, w & 3, 0) + 8 * c;
-  auto row_of = [&](int r) { return std::min<int64_t>(n0 + 16 * (r >> 1) + 8 * (r & 1) + g, N - 1); };
-  int64_t es[R];  // element index of the lane's scale(s) in the current stage
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-    es[r] = UNIFORM ? row_of(c) * K + w * kSkinnyGroup : row_of(r) * K + w * kSkinnyGroup + 16 * c;
   int64_t k_lane = static_cast<int64_t>(w) * kSkinnyGroup + 16 * c;  // the lane's k in the current stage
   const uint8_t* ap[NT];  // activation row 8 nt + g at k_lane, or null past M
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) ap[nt] = nt * 8 + g < M ? p.A + ((nt * 8 + g) * K + k_lane) * 2 : nullptr;
 
-  // Raw absmax of the next stage, loaded a stage ahead.
-  uint32_t qv[R];
-  float vv[R];
-  auto raw = [&](int64_t kl) {
+  // Scales: the block decodes each stage's absmax once into a shared table (double-buffered), one
+  // value per (row, unit): unit = the 64-wide group (UNIFORM) or the 16-wide chunk of a lane (else);
+  // 0 past K. Thread t owns entries t + 256 i; their raw values load a stage ahead. (Per-lane
+  // loads of scattered rows' absmax cost as many L1 wavefronts as the whole decode.)
+  constexpr int UN = UNIFORM ? kSkinnyWarps : 4 * kSkinnyWarps;  // units per row per stage
+  constexpr int US = UN + 1;                                     // row stride (no bank conflicts)
+  constexpr int EPT = kSkinnyRows * UN / (kSkinnyWarps * 32);    // entries per thread
+  float* sct = reinterpret_cast<float*>(smem + kSkinnyScaleOffset);
+  int64_t es[EPT];  // element index of the entry's first k in the current stage
+  int ek[EPT];      // its k within a stage
+  int eo[EPT];      // its offset in a table buffer
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      qv[r] = 0u;
-      vv[r] = 0.0f;
-      if (kl < K) {
-        const uint32_t b = static_cast<uint32_t>(es[r] >> p.bs_shift);
+  for (int i = 0; i < EPT; ++i) {
+    const int e = tid + kSkinnyWarps * 32 * i, row = e / UN, unit = e % UN;
+    ek[i] = unit * (UNIFORM ? kSkinnyGroup : 16);
+    es[i] = std::min<int64_t>(n0 + row, N - 1) * K + ek[i];
+    eo[i] = row * US + unit;
+  }
+  uint32_t qv[EPT];
+  float vv[EPT];
+  bool okv[EPT];
+  int64_t k_raw = 0;  // stage k of the raw values held
+  auto raw = [&]() {
+#pragma unroll
+    for (int i = 0; i < EPT; ++i) {
+      qv[i] = 0u;
+      vv[i] = 0.0f;
+      okv[i] = k_raw + ek[i] < K;
+      if (okv[i]) {
+        const uint32_t b = static_cast<uint32_t>(es[i] >> p.bs_shift);
         if (nested) {
-          qv[r] = __ldg(p.absmax.absmax_u8 + b);
-          vv[r] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+          qv[i] = __ldg(p.absmax.absmax_u8 + b);
+          vv[i] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
         } else {
-          vv[r] = __ldg(p.absmax.absmax_f32 + b);
+          vv[i] = __ldg(p.absmax.absmax_f32 + b);
         }
       }
+      es[i] += SK;
     }
+    k_raw += SK;
   };
+  auto finish = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < EPT; ++i)
+      sct[buf * kSkinnyRows * US + eo[i]] = !okv[i] ? 0.0f : nested ? nested_absmax_value(code8[qv[i]], vv[i], off) : vv[i];
+  };
+  // The lane's entries: rows 16 (r / 2) + 8 (r % 2) + g, unit w (UNIFORM) or 4 w + c.
+  int sco[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) sco[r] = (16 * (r >> 1) + 8 * (r & 1) + g) * US + (UNIFORM ? w : 4 * w + c);
 
   float acc[2][NT][4];
 #pragma unroll
@@ -258,31 +285,19 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue();
-  raw(k_lane);
+  raw();
+  finish(0);
+  if (nstages > 1) raw();
   for (int s = 0; s < nstages; ++s) {
     mma::cp_async_wait<S - 2>();
-    __syncthreads();  // stage s is in; stage s - 1's slot is free for stage s + S - 1
+    __syncthreads();  // stage s and its scales are in; stage s - 1's slots are free
     issue();
-    uint32_t qc[R];
-    float vc[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      qc[r] = qv[r];
-      vc[r] = vv[r];
-      es[r] += SK;
-    }
-    if (s + 1 < nstages) raw(k_lane + SK);
     const uint32_t si = static_cast<uint32_t>(s & (S - 1));
     {  // the warp's group of this stage
       const bool live = k_lane < K;  // false for the upper lanes/warps of a partial last stage
       float sc[4];
 #pragma unroll
-      for (int r = 0; r < R; ++r) sc[r] = !live ? 0.0f : nested ? nested_absmax_value(code8[qc[r]], vc[r], off) : vc[r];
-      if constexpr (UNIFORM) {  // lane 4 g + r loaded row r's
-        const float own = sc[0];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) sc[r] = __shfl_sync(0xffffffffu, own, (lane & ~3) | r);
-      }
+      for (int r = 0; r < 4; ++r) sc[r] = sct[(s & 1) * kSkinnyRows * US + sco[r]];
       uint32_t s2[4];
       if constexpr (!FOLD) {
 #pragma unroll
@@ -345,6 +360,10 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
             acc[mt][nt][3] = fmaf(sc[2 * mt + 1], part[mt][nt][3], acc[mt][nt][3]);
           }
       }
+    }
+    if (s + 1 < nstages) {
+      finish((s + 1) & 1);  // read after the next barrier; buffer (s + 1) & 1 was last read in stage s - 1
+      if (s + 2 < nstages) raw();
     }
     k_lane += SK;
 #pragma unroll
