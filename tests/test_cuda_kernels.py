@@ -385,7 +385,12 @@ def test_bitsandbytes_cuda_4bit(bnb_report, blocksize, dtype, quant_type):
         gap = (y - mid).abs() / mid.abs().clamp(min=2**-24)
         assert float(gap.max()) < 1e-5, f"a differing code is not next to a midpoint (relative gap {float(gap.max())})"
     rate = near_mid.numel() / n
-    assert rate < 1e-4, f"codes differ from bnb CUDA near midpoints at rate {rate}"
+    # FP4's midpoints are round numbers (0.0026, 0.083, 0.29, 0.58, 0.83, ...) that a 16-bit x / absmax
+    # lands on (or within an ulp of) far more often than NF4's: measured on the H200 at up to 9.8e-5
+    # of FP4 fp16 elements and 5.2e-4 .. 6.6e-4 of FP4 bf16 ones (8 significant bits), every one a
+    # single step at a midpoint (checked above).
+    bound = {torch.bfloat16: 2e-3, torch.float16: 5e-4}.get(dtype, 1e-4) if quant_type == "fp4" else 1e-4
+    assert rate < bound, f"codes differ from bnb CUDA near midpoints at rate {rate}"
 
     # Dequantize the same (our) bytes with both.
     ours_out = ops.dequantize_4bit(ours_p, ours_a, None, None, None, blocksize, 256, quant_type, [n], dtype)

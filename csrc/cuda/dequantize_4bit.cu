@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "dequantize_4bit.cuh"
 
 namespace nf4kit {
 namespace cuda {
@@ -136,6 +137,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+}  // namespace
+
+void dequantize_4bit_into(const Packed4bit& w, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = w.n;
+  if (n == 0) return;
+  TORCH_CHECK(out.is_contiguous() && out.numel() == n, "dequantize_4bit_into: out must be contiguous with ", n,
+              " elements");
+  at::Tensor packed = w.packed;
+  if (!aligned16(packed.data_ptr())) packed = packed.clone();  // 16-byte loads need alignment
+  AbsmaxSource src{};
+  if (w.nested) {
+    src.absmax_u8 = w.absmax.data_ptr<uint8_t>();
+    src.nested_absmax = w.nested_absmax.data_ptr<float>();
+    src.nested_code = w.nested_code.data_ptr<float>();
+    src.offset = w.offset.data_ptr<float>();
+    src.set_nested_blocksize(w.nested_blocksize);
+  } else {
+    src.absmax_f32 = w.absmax.data_ptr<float>();
+  }
+  const Code4Tables tables = make_code4_tables(w.qt);
+  const int log2_bs = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  const uint8_t* bytes = packed.data_ptr<uint8_t>();
+  NF4KIT_CUDA_DISPATCH_FLOAT(out.scalar_type(), "dequantize_4bit_cuda", [&] {
+    auto* kernel = w.blocksize == 32 ? &dequantize_4bit_kernel<scalar_t, 2> : &dequantize_4bit_kernel<scalar_t, 1>;
+    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kTile), kWarps));
+    kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(bytes, src, n, log2_bs, tables,
+                                                                 out.data_ptr<scalar_t>());
+    NF4KIT_LAUNCH_CHECK();
+  });
+}
+
+namespace {
+
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                 const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& offset,
@@ -145,34 +179,10 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   TORCH_CHECK_TYPE(is_float_dtype(dtype), "dtype must be float16, bfloat16 or float32, got ", dtype);
   const int64_t n = shape_numel(shape, "shape");
   const c10::cuda::CUDAGuard guard(packed.device());
-  Packed4bit w = check_packed_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                   quant_type, n, "shape " + dims_string(shape));
-  if (!aligned16(w.packed.data_ptr())) w.packed = w.packed.clone();  // 16-byte loads need alignment
-
-  AbsmaxSource src{};
-  if (w.nested) {
-    src.absmax_u8 = w.absmax.data_ptr<uint8_t>();
-    src.nested_absmax = w.nested_absmax.data_ptr<float>();
-    src.nested_code = w.nested_code.data_ptr<float>();
-    src.offset = w.offset.data_ptr<float>();
-    src.set_nested_blocksize(nested_blocksize);
-  } else {
-    src.absmax_f32 = w.absmax.data_ptr<float>();
-  }
-
+  const Packed4bit w = check_packed_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                         nested_blocksize, quant_type, n, "shape " + dims_string(shape));
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
-  if (n == 0) return out;
-  const Code4Tables tables = make_code4_tables(w.qt);
-  const int log2_bs = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
-  const uint8_t* bytes = w.packed.data_ptr<uint8_t>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "dequantize_4bit_cuda", [&] {
-    auto* kernel = blocksize == 32 ? &dequantize_4bit_kernel<scalar_t, 2> : &dequantize_4bit_kernel<scalar_t, 1>;
-    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kTile), kWarps));
-    kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(bytes, src, n, log2_bs, tables,
-                                                                 out.data_ptr<scalar_t>());
-    NF4KIT_LAUNCH_CHECK();
-  });
+  dequantize_4bit_into(w, out, c10::cuda::getCurrentCUDAStream());
   return out;
 }
 

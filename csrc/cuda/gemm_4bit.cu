@@ -14,7 +14,7 @@
 //  * generic (any K, any dtype incl. float32, small M): one warp per output feature, element by
 //    element, exact float32 decode.
 //  * dequantize + cuBLAS (larger M, or shapes the others do not take): W dequantized to A's
-//    dtype exactly as dequantize_4bit does (dequant_rows_kernel), then one at::mm / at::addmm.
+//    dtype by the dequantize_4bit kernel itself (dequantize_4bit_into), then one at::mm / at::addmm.
 // All offsets into W and A are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -30,6 +30,7 @@
 
 #include "../gemm_4bit.h"
 #include "common.cuh"
+#include "dequantize_4bit.cuh"
 #include "gemm_4bit_mma.cuh"
 
 namespace nf4kit {
@@ -634,66 +635,6 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm4_generic_kernel(const
 }
 
 // =============================================================================================
-// W (or a range of its rows) dequantized to T for the cuBLAS path, exactly as dequantize_4bit
-// does it (code * absmax in float32, one rounding). Flat elements [e0, e0 + n) -> out[0, n).
-// With e0 % 32 == 0 every 32-element chunk is one 16-byte load, one absmax and 16-byte stores;
-// otherwise (odd K slices) element by element.
-// =============================================================================================
-template <typename T>
-__global__ void __launch_bounds__(256) dequant_rows_kernel(const GemmParams p, int64_t e0, int64_t n, T* out) {
-  __shared__ float code8[256];
-  __shared__ float code[16];
-  const float off = stage_nested(p.absmax, code8);
-  if (threadIdx.x < 16) code[threadIdx.x] = p.code[threadIdx.x];
-  __syncthreads();
-  using cuda_t = typename DType<T>::cuda_t;
-  cuda_t* o = reinterpret_cast<cuda_t*>(out);
-  const bool vec = (e0 & 31) == 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  constexpr int U = 4;  // chunks per thread per step: their loads go out together
-  const int64_t nchunks = (n + 31) / 32;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < nchunks;
-       base += U * stride) {
-    uint4 w[U];
-    float scale[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t s = (base + u * stride) * 32;
-      if (vec && s + 32 <= n) {
-        w[u] = load16_stream(p.packed + (e0 + s) / 2);
-        scale[u] = finish_scale(p.absmax, load_scale(p.absmax, (e0 + s) >> p.bs_shift), code8, off);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t s = (base + u * stride) * 32;
-      if (s >= n) continue;
-      if (vec && s + 32 <= n) {
-        constexpr int kPer = kPerVec<T>;
-#pragma unroll
-        for (int v = 0; v < 32 / kPer; ++v) {
-          float f[kPer];
-#pragma unroll
-          for (int j = 0; j < kPer; ++j) {
-            const int idx = v * kPer + j;  // element of the chunk: byte idx / 2, high nibble first
-            const uint32_t byte = (word(w[u], idx / 8) >> (8 * ((idx / 2) & 3))) & 0xFFu;
-            f[j] = __fmul_rn(code[(idx & 1) ? (byte & 15u) : (byte >> 4)], scale[u]);
-          }
-          store16_stream(o + s + v * kPer, pack16<T>(f));
-        }
-      } else {
-        for (int64_t i = s; i < std::min<int64_t>(s + 32, n); ++i) {
-          const int64_t ei = e0 + i;
-          const uint32_t byte = p.packed[ei >> 1];
-          const float sc = finish_scale(p.absmax, load_scale(p.absmax, ei >> p.bs_shift), code8, off);
-          o[i] = DType<T>::from_float(__fmul_rn(code[(ei & 1) ? (byte & 15u) : (byte >> 4)], sc));
-        }
-      }
-    }
-  }
-}
-
-// =============================================================================================
 // Host side
 // =============================================================================================
 enum class Path { Auto, Skinny, TensorCore, Dequant, Generic };
@@ -709,17 +650,16 @@ Path path_override() {
   return Path::Auto;
 }
 
-// Dispatch, from medians measured on an H200 (torch 2.11, 8192 x 28672 and 4096 x 4096 layers,
-// fp16 and bf16, benchmarks/results/h200/matmul.md and the --tune sweep in the same run):
-//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.074/0.084/0.102/0.171 ms vs cuBLAS fp16
-//                ~0.128 ms (1.75x/1.52x/1.27x/0.75x); the tensor-core kernel takes 0.214 ms at 32.
-//   33..64       tensor-core kernel: 0.215 ms at M=48-64 vs 0.44 ms for dequantize + cuBLAS, when
-//                it has at least half a block per SM (4096x14336: 0.071 ms vs 0.126); with fewer
-//                (N = 4096: 32 blocks) dequantize + cuBLAS (M=64 there: tc 0.070 / 0.234 ms, the
-//                cuBLAS path 0.049 / 0.131 ms at M=128).
-//   > 64         dequantize + cuBLAS: at M=96-128 the two are equal (0.41 vs 0.44 ms), from 256 on
-//                dequantize + cuBLAS wins (0.49 vs 0.83 ms at 256, 2.9 vs 10.6 ms at 4096).
-// None of the three beats cuBLAS fp16 between M=32 and 4096 yet (0.3x-0.95x): see the results.
+// Dispatch, from medians measured on an H200 (torch 2.11, fp16 and bf16, all four benchmark layers;
+// benchmarks/results/h200/matmul.md and the --tune sweeps of the same session):
+//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.061/0.068/0.088/0.112 ms vs cuBLAS fp16
+//                ~0.126 ms (2.07x/1.86x/1.44x/1.14x); the tensor-core kernel takes 0.214 ms at 32.
+//   33..64       tensor-core kernel: 0.214 ms at M=64 vs ~0.30 ms for dequantize + cuBLAS (two
+//                skinny slices ~0.22 ms), when it has at least half a block per SM; with fewer
+//                (N = 4096: 32 blocks) dequantize + cuBLAS (0.032 ms at M=128 on 4096x4096).
+//   > 64         dequantize + cuBLAS: 0.305 ms at M=128 vs 0.41 ms for the tensor-core kernel; from
+//                256 on the gap grows (0.37 vs 0.76 ms at 256; 3.06 vs 11.4 ms at 4096).
+// Beyond M = 32 none beats cuBLAS fp16 yet (0.45x-0.96x), though all beat bitsandbytes: see the results.
 constexpr int64_t kSkinnyAutoMaxM = 32;
 constexpr int64_t kTcMaxM = 64;
 
@@ -745,17 +685,6 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   const Code4Tables t = make_code4_tables(a.qt);
   for (int i = 0; i < 16; ++i) p.code[i] = t.decode[i];
   return p;
-}
-
-// Rows [r0, r0 + rows) of W dequantized to the output dtype, into out ([rows, K], contiguous).
-template <typename T>
-void launch_dequant_rows(const GemmParams& p, int64_t r0, int64_t rows, at::Tensor& out, cudaStream_t stream) {
-  const int64_t n = rows * p.K;
-  if (n == 0) return;
-  auto* kernel = &dequant_rows_kernel<T>;
-  const int64_t grid = resident_grid(kernel, 256, ceil_div(ceil_div(n, 32), 256));
-  kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(p, r0 * p.K, n, out.data_ptr<T>());
-  NF4KIT_LAUNCH_CHECK();
 }
 
 // Raises a kernel's dynamic shared-memory limit, once per kernel and device.
@@ -856,7 +785,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   const GemmParams p = make_params(a, out, pk);
   if (path == Path::Dequant) {
     at::Tensor W = at::empty({a.N, a.K}, A.options());
-    NF4KIT_CUDA_DISPATCH_FLOAT(dtype, "gemm_4bit_dequant", [&] { launch_dequant_rows<scalar_t>(p, 0, a.N, W, stream); });
+    dequantize_4bit_into(a, W, stream);
     at::Tensor out2 = out.view({a.M, a.N});
     if (a.bias.defined()) at::addmm_out(out2, a.bias.to(dtype), a.A2, W.t());
     else at::mm_out(out2, a.A2, W.t());
