@@ -1,6 +1,6 @@
 # Sourced by every device script (benchmarks/gpu_*.sh, benchmarks/run_gpu.sh), from the repository
 # root on the GPU machine: where results go, the Python path, the compiler, the target.
-OUT=${OUT:-/tmp/nf4kit_out}
+export OUT=${OUT:-/tmp/nf4kit_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}
 # The image sets CXX=/opt/gcc/bin/g++, whose libstdc++ pieces end up statically inside _C and

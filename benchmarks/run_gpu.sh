@@ -28,13 +28,7 @@ fi
 if has bench || has benchmm; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_matmul.py --out "$OUT" ${MATMUL_ARGS:-} > "$OUT/bench_matmul.log" 2>&1; stamp "bench_matmul rc=$?"
 fi
-if has sanitize; then
-  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
-    echo "=== compute-sanitizer --tool $tool ===" >> "$OUT/sanitizer_matmul.log"
-    timeout ${SAN_TIMEOUT:-150} "$SAN" --tool $tool --error-exitcode 9 python3 benchmarks/bench_matmul.py --sanitize \
-      >> "$OUT/sanitizer_matmul.log" 2>&1
-    stamp "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitizer_matmul.log" | tail -2
-  done
+if has sanitize; then  # compute-sanitizer memcheck + racecheck on every matmul kernel at odd shapes
+  STEPS=sanitize bash benchmarks/gpu_matmul.sh | grep -E "sanitizer|SUMMARY|worst"
 fi
 ls "$OUT"
