@@ -125,7 +125,7 @@ __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_
 // (whole 128-byte lines per warp instruction), into a 4-stage ring that lives in the table rows'
 // unused upper halves; one barrier per stage. (Loading each lane's 8-byte pieces straight from
 // global memory cost 8 L1 wavefronts per 256 bytes: ncu showed the L1 data pipe, not DRAM, as the
-// limit.)
+// limit.) The stage's absmax values are decoded once by the block into a small shared table.
 constexpr int kSkinnyWarps = 8;
 constexpr int kSkinnyRows = 32;                             // W rows per block
 constexpr int kSkinnyGroup = 64;                            // k per warp per stage
