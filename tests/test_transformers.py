@@ -115,15 +115,21 @@ def _live_tensor_bytes():
     return sum(storages.values())
 
 
-def test_peak_memory_is_quantized_model_plus_one_layer(tmp_path, monkeypatch):
-    """Tensor accounting: before each weight is quantized, count every live tensor (the model so far,
-    the one full-precision weight in hand, anything the loader holds)."""
-    model = tiny_llama(hidden=256, intermediate=1024, layers=4)
-    model.save_pretrained(tmp_path)
+def _save_tiny_llama(path, hidden, intermediate):
+    """A 4-layer tiny Llama saved to path (and dropped): its parameter bytes, and its largest linear
+    weight's."""
+    model = tiny_llama(hidden=hidden, intermediate=intermediate, layers=4)
+    model.save_pretrained(path)
     fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(m.weight.numel() * m.weight.element_size() for m in model.modules()
                   if isinstance(m, torch.nn.Linear))
-    del model
+    return fp_bytes, largest
+
+
+def test_peak_memory_is_quantized_model_plus_one_layer(tmp_path, monkeypatch):
+    """Tensor accounting: before each weight is quantized, count every live tensor (the model so far,
+    the one full-precision weight in hand, anything the loader holds)."""
+    fp_bytes, largest = _save_tiny_llama(tmp_path, hidden=256, intermediate=1024)
     gc.collect()
     base = _live_tensor_bytes()
     seen = []
@@ -146,12 +152,7 @@ def test_peak_memory_is_quantized_model_plus_one_layer(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_peak_gpu_memory_loading_onto_the_gpu(tmp_path):
-    model = tiny_llama(hidden=512, intermediate=2048, layers=4)
-    model.save_pretrained(tmp_path)
-    fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    largest = max(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                  if isinstance(m, torch.nn.Linear))
-    del model
+    fp_bytes, largest = _save_tiny_llama(tmp_path, hidden=512, intermediate=2048)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
