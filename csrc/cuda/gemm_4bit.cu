@@ -214,8 +214,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   };
 
   // Compute side: warp w takes group w of every stage; the lane reads its 8 bytes of each of its 4
-  // rows (n0 + 16 (r / 2) + 8 (r % 2) + g) back. Scales: UNIFORM, row r = c's (the block of the
-  // whole group), then shuffled; otherwise its own 4 rows' at its k.
+  // rows (n0 + 16 (r / 2) + 8 (r % 2) + g) back, and their scales from the block's table below.
   uint32_t rd[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
