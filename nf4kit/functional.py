@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import numbers
 from typing import Any, Optional, Sequence
 
@@ -266,10 +267,34 @@ def _check_finite(absmax: torch.Tensor, what: str) -> None:
             "whole block. Clean the input, or pass check_finite=False to quantize it anyway.")
 
 
-def _finite_scalar(t: torch.Tensor) -> bool:
-    """Whether a one-element tensor is finite (True while compiling: no data-dependent branch)."""
-    # .item(): one device-to-host copy, no isfinite/all kernels queued before it.
-    return torch.compiler.is_compiling() or math.isfinite(t.item())
+_probe_slots = threading.local()  # per thread and device: a pinned float32 and an event, reused
+
+
+class _FiniteProbe:
+    """Whether a one-element tensor is finite, fetched without stalling the GPU: the copy to the host
+    is queued when the probe is made and waited for in ``finite()``, so kernels queued in between
+    keep the GPU busy while the host waits (and the call does not end on an idle GPU). The pinned
+    landing slot and the event are made once per thread and device and reused (each call waits for
+    its copy before it returns, so a thread's calls never overlap on them)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._event = None
+        if t.is_cuda:
+            slots = getattr(_probe_slots, "slots", None)
+            if slots is None:
+                slots = _probe_slots.slots = {}
+            if t.device not in slots:
+                slots[t.device] = (torch.empty(1, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+            self._host, self._event = slots[t.device]
+            self._host.copy_(t.reshape(1), non_blocking=True)  # on t's device's current stream
+            self._event.record(torch.cuda.current_stream(t.device))
+        else:
+            self._host = t.reshape(1)
+
+    def finite(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return math.isfinite(float(self._host[0]))
 
 
 def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: Optional[torch.Tensor]) -> None:
@@ -359,25 +384,30 @@ def quantize_4bit(
             f"but {A.numel()} elements pack into {nbytes} bytes; use quant_storage=torch.uint8 for this tensor")
 
     packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    # The offset is torch's float32 mean on A's device (as bitsandbytes computes it).
+    offset = _absmax.mean() if compress_statistics else None
+    # NaN/Inf check, one scalar: every absmax is >= 0 or NaN, so NaN or inf anywhere makes their max
+    # (and their mean) non-finite, and a finite one clears them all. The nested mean is at hand; a
+    # non-finite mean of finite values (float32 overflow) falls through to the full check, which passes.
+    probe = None
+    if check_finite and not torch.compiler.is_compiling():
+        probe = _FiniteProbe(offset if compress_statistics else _absmax.amax())
     code = _code_4bit(quant_type, A.device).clone()  # bnb's quant_map: FP4 index 8 is +0.0
     if compress_statistics:
-        # The offset is torch's float32 mean on A's device (as bitsandbytes computes it); absmax - offset
-        # and its 8-bit quantization then run as one kernel.
-        offset = _absmax.mean()
+        # absmax - offset and its 8-bit quantization run as one kernel.
         qabsmax, absmax2 = ops.quantize_nested_absmax(_absmax, offset.reshape(1), _dynamic_map(A.device),
                                                       NESTED_BLOCKSIZE)
-        state2 = QuantState(absmax=absmax2, code=_dynamic_map(A.device).clone(), blocksize=NESTED_BLOCKSIZE,
+        # The nested code is the one per-device dynamic map, shared by every state (as bitsandbytes
+        # does); as_dict() hands out a copy, so saved checkpoints never share it.
+        state2 = QuantState(absmax=absmax2, code=_dynamic_map(A.device), blocksize=NESTED_BLOCKSIZE,
                             dtype=torch.float32)
         state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type, offset=offset, state2=state2)
     else:
         state = QuantState(absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type)
-    # The one wait for the GPU, last, after everything is queued. Every absmax is >= 0 or NaN, so NaN
-    # or inf anywhere makes their mean NaN or inf: when the mean is finite, so is every absmax, and
-    # one scalar (not all of absmax) decides. A non-finite mean of finite values (float32 overflow)
-    # falls through to the full check, which passes.
-    if check_finite and not (compress_statistics and _finite_scalar(offset)):
+    # The one wait for the GPU, after everything is queued.
+    if probe is not None and not probe.finite():
         _check_finite(_absmax, "A")
     if quant_storage != torch.uint8:
         packed = packed.view(quant_storage)

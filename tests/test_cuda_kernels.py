@@ -171,7 +171,7 @@ def test_dequantize_4bit_misaligned_packed_and_odd_nested_blocksize():
 # 8-bit blockwise and the fused nested-absmax op
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("blocksize", (7, 64, 100, 256, 2048, 4096))
+@pytest.mark.parametrize("blocksize", (7, 64, 100, 128, 256, 512, 1024, 2048, 4096))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_blockwise8_matches_cpu_and_reference(dtype, blocksize):
     g = gen(blocksize)
@@ -189,6 +189,33 @@ def test_blockwise8_matches_cpu_and_reference(dtype, blocksize):
             ref = R.dequantize_blockwise(q.cpu(), absmax.cpu(), DYNAMIC_MAP, blocksize, out_dtype)
             assert_same_bits(out, ref, f"dequantize bs={blocksize} {out_dtype} {shape}")
             same_as_cpu_op(out, ops.dequantize_blockwise, q, absmax, DYNAMIC_MAP, blocksize, out_dtype)
+
+
+@pytest.mark.parametrize("blocksize", (64, 256, 1024))
+def test_blockwise8_float32_specials_and_views(blocksize):
+    """float32 blocks of 64..1024 take a one-pass kernel (vector loads), other inputs the general one:
+    both agree with the reference on NaN, inf, all-zero and -0.0 blocks, a partial last block, a
+    misaligned view (general kernel) and, for the nested op, a NaN or inf offset."""
+    g = gen(blocksize + 1)
+    n = 5 * blocksize + 37
+    x = fresh(n + 1, torch.float32, g)
+    x[3] = float("nan")
+    x[blocksize + 5] = float("inf")
+    x[2 * blocksize:3 * blocksize] = 0.0
+    x[3 * blocksize + 1] = -0.0
+    code = DYNAMIC_MAP.cuda()
+    for t in (x[:n], x[1:]):  # aligned, then a view 4 bytes in
+        q, absmax = ops.quantize_blockwise(t, code, blocksize)
+        ref = R.quantize_blockwise(t.cpu(), DYNAMIC_MAP, blocksize)
+        assert_same_bits(q, ref[0], f"codes bs={blocksize} offset {t.storage_offset()}")
+        assert_same_bits(absmax, ref[1], f"absmax bs={blocksize} offset {t.storage_offset()}")
+    a = fresh(n, torch.float32, g).abs()
+    for off in (float("nan"), float("inf"), 0.25):
+        offset = torch.tensor([off], device="cuda")
+        got = ops.quantize_nested_absmax(a, offset, code, blocksize)
+        ref = R.quantize_nested_absmax(a.cpu(), offset.cpu(), DYNAMIC_MAP, blocksize)
+        for i in range(2):
+            assert_same_bits(got[i], ref[i], f"nested output {i}, offset {off}")
 
 
 def test_blockwise8_other_codes_every_grid_point():

@@ -188,11 +188,12 @@ __device__ __forceinline__ float clamp_nan(float x, float lo, float hi) { return
 __device__ __forceinline__ float clamp_min_nan(float x, float lo) { return x < lo ? lo : x; }
 
 // ---------------------------------------------------------------------------------------------
-// 16-byte vector memory helpers. Streaming data is read once and written once: load it with
-// the non-coherent path and store it evict-first so it does not push reused data out of L2.
+// 16-byte vector memory helpers. Streaming input is read once: load it evict-first so it does not
+// push reused data out of L2. Outputs are stored plainly: on the H200 evict-first (.cs) stores made
+// a write-heavy stream ~5% slower (dequantize 0.1605 -> 0.1534 ms with plain stores, 470 MB written).
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint4 load16_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
-__device__ __forceinline__ void store16_stream(void* p, uint4 v) { __stcs(reinterpret_cast<uint4*>(p), v); }
+__device__ __forceinline__ void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ uint2 load8_stream(const void* p) { return __ldcs(reinterpret_cast<const uint2*>(p)); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -210,6 +211,13 @@ inline int sm_count() {
 inline int64_t persistent_grid(int64_t work_items, int per_sm) {
   const int sms = sm_count();
   return std::max<int64_t>(1, std::min<int64_t>(work_items, static_cast<int64_t>(sms) * per_sm));
+}
+// One CTA per work item (a streaming kernel's warps each take one tile and exit): on the H200 this
+// beat a resident grid striding over the tiles by ~4% (the last round of a resident grid leaves
+// SMs idle, while the hardware refills SMs CTA by CTA). Capped at the grid limit; kernels still
+// stride, so a capped grid covers everything.
+inline int64_t full_grid(int64_t work_items) {
+  return std::max<int64_t>(1, std::min<int64_t>(work_items, int64_t{0x7FFFFFFF}));
 }
 // As many CTAs of `kernel` as fit on the device at once (occupancy API), never more than the work.
 template <typename Kernel>

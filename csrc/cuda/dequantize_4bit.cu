@@ -8,7 +8,8 @@
 // used. The tile's absmax values (at most 64: blocksize >= 32) are decoded once, lane j holding block
 // first + j (+ 32), and handed to the owning lanes with shuffles; nested absmax is decoded there
 // (code8 from shared memory). Products are float32 code * absmax rounded once to the output dtype.
-// A persistent grid of warps strides over the tiles; all offsets are 64-bit.
+// One tile per warp (full_grid); the warps stride over the tiles only past the grid limit. All
+// offsets are 64-bit.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -102,7 +103,7 @@ __device__ __forceinline__ void dequantize_tile(const uint8_t* __restrict__ pack
     float f[U::kElems];
     decode_unit<U::kElems>(w[u], scale, s_decode, f);
     if (kFull || e0 + U::kElems <= n) {
-      store16_stream(out + e0, pack16<scalar_t>(f));
+      store16(out + e0, pack16<scalar_t>(f));
     } else if (e0 < n) {
       using T = typename DType<scalar_t>::cuda_t;
       T* o = reinterpret_cast<T*>(out);
@@ -161,7 +162,7 @@ void dequantize_4bit_into(const Packed4bit& w, at::Tensor& out, cudaStream_t str
   const uint8_t* bytes = packed.data_ptr<uint8_t>();
   NF4KIT_CUDA_DISPATCH_FLOAT(out.scalar_type(), "dequantize_4bit_cuda", [&] {
     auto* kernel = w.blocksize == 32 ? &dequantize_4bit_kernel<scalar_t, 2> : &dequantize_4bit_kernel<scalar_t, 1>;
-    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(ceil_div(n, kTile), kWarps));
+    const int64_t grid = full_grid(ceil_div(ceil_div(n, kTile), kWarps));
     kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(bytes, src, n, log2_bs, tables,
                                                                  out.data_ptr<scalar_t>());
     NF4KIT_LAUNCH_CHECK();

@@ -16,7 +16,8 @@
 // conflict-free shared-memory reads (32-word tables) and one compare. Monotonicity makes this exact:
 // a midpoint in a lower cell is below y, one in a higher cell above it. NaN / inf blocks and FP4 (whose
 // midpoints near 0 are closer than a cell) take the binary search of the midpoints.
-// A persistent grid of warps strides over the items; all offsets are 64-bit.
+// Chunk items: a resident grid of warps strides over them, each warp loading its next item before it
+// quantizes the current one. Large-block items: one per warp (full_grid). All offsets are 64-bit.
 #include <torch/library.h>
 
 #include <cmath>
@@ -100,7 +101,9 @@ __device__ __forceinline__ void add_code_cell(float y, const Smem& sm, int shift
   const char* base = reinterpret_cast<const char*>(sm.cell_base);
   const char* mid = reinterpret_cast<const char*>(sm.cell_mid);
   w += *reinterpret_cast<const uint32_t*>(base + off) << shift;
-  if (y > *reinterpret_cast<const float*>(mid + off)) w += 1u << shift;
+  // setp + predicated add (the compiler's add-then-select takes one instruction more)
+  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, %3;\n\t}"
+      : "+r"(w) : "f"(y), "f"(*reinterpret_cast<const float*>(mid + off)), "r"(1u << shift));
 }
 
 // A lane's unit as raw 16-byte vectors (8 elements: one vector for 16-bit types, two for float32).
@@ -175,9 +178,10 @@ __device__ __forceinline__ float unit_absmax(const Raw<scalar_t>& r) {
 // Quantize one lane's unit (elements e0 .. e0+7) of a block with absmax m, and store its 4 bytes.
 // A partial (last) block divides by max(m, 1e-38); a full one multiplies by float32(1 / max(m, 1e-38)).
 // (No clamp to [-1, 1]: |y| exceeds 1 by at most an ulp and every midpoint lies inside (-1, 1).)
+// dst: the unit's first packed byte (packed + e0 / 2).
 template <typename scalar_t, QuantType QT, bool kFull>
 __device__ __forceinline__ void quantize_unit(const Raw<scalar_t>& r, int64_t e0, int64_t n, float m, bool partial,
-                                              const Code4Tables& t, const Smem& sm, uint8_t* __restrict__ packed) {
+                                              const Code4Tables& t, const Smem& sm, uint8_t* __restrict__ dst) {
   float f[kUnit];
 #pragma unroll
   for (int k = 0; k < Raw<scalar_t>::kVecs; ++k) unpack16<scalar_t>(r.v[k], f + k * kPerVec<scalar_t>);
@@ -209,43 +213,48 @@ __device__ __forceinline__ void quantize_unit(const Raw<scalar_t>& r, int64_t e0
     for (int k = 0; k < kUnit; k += 2)
       w |= ((code_search<QT>(y[k], t, sm) << 4) | code_search<QT>(y[k + 1], t, sm)) << (4 * k);
   }
-  const int64_t b0 = e0 >> 1;
   if (kFull || e0 + kUnit <= n) {
-    __stcs(reinterpret_cast<unsigned int*>(packed + b0), w);
+    *reinterpret_cast<unsigned int*>(dst) = w;  // a plain store (see store16, common.cuh)
   } else {
-    const int64_t nbytes = (n + 1) / 2;
+    const int64_t bytes_left = (n + 1) / 2 - (e0 >> 1);
 #pragma unroll
     for (int b = 0; b < kUnit / 2; ++b)
-      if (b0 + b < nbytes) packed[b0 + b] = static_cast<uint8_t>(w >> (8 * b));
+      if (b < bytes_left) dst[b] = static_cast<uint8_t>(w >> (8 * b));
   }
 }
 
-// A loaded chunk item (blocksize <= 1024): absmax per block, quantize.
-template <typename scalar_t, QuantType QT, bool kFull>
-__device__ __forceinline__ void quantize_chunk(const Raw<scalar_t> (&r)[kSegs], int64_t c0, int64_t n, int log2_bs,
-                                               int lane, const Code4Tables& t, const Smem& sm,
-                                               uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+// A loaded chunk item (blocksize 2^kLog2Bs <= 1024, known at compile time: the lane shuffles unroll
+// and block indices are constant shifts): absmax per block, quantize. c0 is a multiple of 1024, so
+// the chunk's packed bytes and absmax values start at c0 / 2 and c0 / blocksize.
+template <typename scalar_t, QuantType QT, bool kFull, int kLog2Bs>
+__device__ __forceinline__ void quantize_chunk(const Raw<scalar_t> (&r)[kSegs], int64_t c0, int64_t n, int lane,
+                                               const Code4Tables& t, const Smem& sm, uint8_t* __restrict__ packed,
+                                               float* __restrict__ absmax) {
   float m[kSegs];
 #pragma unroll
   for (int s = 0; s < kSegs; ++s) m[s] = unit_absmax(r[s]);
-  if (log2_bs >= 9) {  // 512: segments (0, 1) and (2, 3) share a block; 1024: all four
+  if constexpr (kLog2Bs >= 9) {  // 512: segments (0, 1) and (2, 3) share a block; 1024: all four
     m[0] = m[1] = max_nan(m[0], m[1]);
     m[2] = m[3] = max_nan(m[2], m[3]);
-    if (log2_bs >= 10) m[0] = m[1] = m[2] = m[3] = max_nan(m[0], m[2]);
+    if constexpr (kLog2Bs >= 10) m[0] = m[1] = m[2] = m[3] = max_nan(m[0], m[2]);
   }
-  const int lanes = log2_bs >= 8 ? 32 : 1 << (log2_bs - 3);  // lanes of a block in a segment
-  for (int o = 1; o < lanes; o <<= 1)
+  constexpr int kLanes = kLog2Bs >= 8 ? 32 : 1 << (kLog2Bs - 3);  // lanes of a block in a segment
+#pragma unroll
+  for (int o = 1; o < kLanes; o <<= 1)
 #pragma unroll
     for (int s = 0; s < kSegs; ++s) m[s] = max_nan(m[s], __shfl_xor_sync(0xffffffffu, m[s], o));
-  const int64_t bs = int64_t{1} << log2_bs;
+  constexpr int kBs = 1 << kLog2Bs;
+  uint8_t* pk = packed + (c0 >> 1) + lane * (kUnit / 2);
+  float* am = absmax + (c0 >> kLog2Bs);
 #pragma unroll
   for (int s = 0; s < kSegs; ++s) {
-    const int64_t e0 = c0 + s * kSeg + lane * kUnit;
+    const int in = s * kSeg + lane * kUnit;  // the unit's offset in the chunk
+    const int64_t e0 = c0 + in;
     if (!kFull && e0 >= n) continue;
-    const int64_t block = e0 >> log2_bs;
-    const bool partial = !kFull && (block + 1) * bs > n;  // only the last block can be partial
-    if ((e0 & (bs - 1)) == 0) absmax[block] = partial ? clamp_min_nan(m[s], kTinyAbsmax) : m[s];
-    quantize_unit<scalar_t, QT, kFull>(r[s], e0, n, m[s], partial, t, sm, packed);
+    // only the last block can be partial
+    const bool partial = !kFull && ((e0 >> kLog2Bs) + 1) * int64_t{kBs} > n;
+    if ((in & (kBs - 1)) == 0) am[in >> kLog2Bs] = partial ? clamp_min_nan(m[s], kTinyAbsmax) : m[s];
+    quantize_unit<scalar_t, QT, kFull>(r[s], e0, n, m[s], partial, t, sm, pk + s * (kSeg / 2));
   }
 }
 
@@ -275,13 +284,14 @@ __device__ __forceinline__ void quantize_block_item(const scalar_t* __restrict__
     for (int s = 0; s < kSegs; ++s) {
       const int64_t e0 = c0 + s * kSeg + lane * kUnit;
       if (!kFull && e0 >= n) continue;
-      quantize_unit<scalar_t, QT, kFull>(r[s], e0, n, m, partial, t, sm, packed);
+      quantize_unit<scalar_t, QT, kFull>(r[s], e0, n, m, partial, t, sm, packed + (e0 >> 1));
     }
   }
 }
 
-// kLargeBlocks: blocksize 2048 / 4096 (a warp item is one block), else items of one chunk.
-template <typename scalar_t, QuantType QT, bool kLargeBlocks>
+// kLog2Bs: log2(blocksize) for blocksize <= 1024 (items of one chunk), or 0 for 2048 / 4096 (an item
+// is one block; log2_bs says which).
+template <typename scalar_t, QuantType QT, int kLog2Bs>
 __global__ void __launch_bounds__(kThreads)
     quantize_4bit_kernel(const scalar_t* __restrict__ x, int64_t n, int log2_bs, Code4Tables tables, CellTables cells,
                          uint8_t* __restrict__ packed, float* __restrict__ absmax) {
@@ -297,6 +307,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
+  constexpr bool kLargeBlocks = kLog2Bs == 0;
   const int log2_item = kLargeBlocks ? log2_bs : 10;
   const int64_t nitems = ((n - 1) >> log2_item) + 1;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -308,16 +319,36 @@ __global__ void __launch_bounds__(kThreads)
       else quantize_block_item<scalar_t, QT, false>(x, it, n, log2_bs, lane, tables, sm, packed, absmax);
     }
   } else {
-    for (; it < nitems; it += nwarps) {
-      Raw<scalar_t> r[kSegs];
-      if (whole(it)) {
-        load_chunk<scalar_t, true>(x, it << 10, n, lane, r);
-        quantize_chunk<scalar_t, QT, true>(r, it << 10, n, log2_bs, lane, tables, sm, packed, absmax);
-      } else {  // the last item (a tail)
-        load_chunk<scalar_t, false>(x, it << 10, n, lane, r);
-        quantize_chunk<scalar_t, QT, false>(r, it << 10, n, log2_bs, lane, tables, sm, packed, absmax);
-      }
+    // A resident grid: each warp loads its next chunk before it quantizes the current one, so its
+    // loads stay in flight through its compute (one load phase per chunk would idle the memory).
+    const int64_t nwhole = n >> 10;
+    Raw<scalar_t> r[kSegs];
+    if (it < nwhole) load_chunk<scalar_t, true>(x, it << 10, n, lane, r);
+    for (; it < nwhole; it += nwarps) {
+      Raw<scalar_t> next[kSegs];
+      if (it + nwarps < nwhole) load_chunk<scalar_t, true>(x, (it + nwarps) << 10, n, lane, next);
+      quantize_chunk<scalar_t, QT, true, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax);
+#pragma unroll
+      for (int s = 0; s < kSegs; ++s) r[s] = next[s];
     }
+    if (it == nwhole && nwhole < nitems) {  // the tail item falls to exactly one warp
+      load_chunk<scalar_t, false>(x, it << 10, n, lane, r);
+      quantize_chunk<scalar_t, QT, false, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax);
+    }
+  }
+}
+
+// The kernel instance of a blocksize: one per blocksize up to 1024, one for 2048 and 4096.
+template <typename scalar_t, QuantType QT>
+auto kernel_for(int log2_bs) {
+  switch (log2_bs) {
+    case 5: return &quantize_4bit_kernel<scalar_t, QT, 5>;
+    case 6: return &quantize_4bit_kernel<scalar_t, QT, 6>;
+    case 7: return &quantize_4bit_kernel<scalar_t, QT, 7>;
+    case 8: return &quantize_4bit_kernel<scalar_t, QT, 8>;
+    case 9: return &quantize_4bit_kernel<scalar_t, QT, 9>;
+    case 10: return &quantize_4bit_kernel<scalar_t, QT, 10>;
+    default: return &quantize_4bit_kernel<scalar_t, QT, 0>;
   }
 }
 
@@ -347,12 +378,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A_, int6
   const bool large = blocksize > kChunk;  // 2048 / 4096: a warp item is one block
   const int64_t nitems = ceil_div(n, large ? blocksize : kChunk);
   NF4KIT_CUDA_DISPATCH_FLOAT(A.scalar_type(), "quantize_4bit_cuda", [&] {
-    auto* kernel = qt == QuantType::NF4
-                       ? (large ? &quantize_4bit_kernel<scalar_t, QuantType::NF4, true>
-                                : &quantize_4bit_kernel<scalar_t, QuantType::NF4, false>)
-                       : (large ? &quantize_4bit_kernel<scalar_t, QuantType::FP4, true>
-                                : &quantize_4bit_kernel<scalar_t, QuantType::FP4, false>);
-    const int64_t grid = resident_grid(kernel, kThreads, ceil_div(nitems, kWarps));
+    auto* kernel = qt == QuantType::NF4 ? kernel_for<scalar_t, QuantType::NF4>(log2_bs)
+                                        : kernel_for<scalar_t, QuantType::FP4>(log2_bs);
+    // chunk items: a resident grid (each warp prefetches its next item); large blocks: one per warp
+    const int64_t grid = large ? full_grid(ceil_div(nitems, kWarps)) : resident_grid(kernel, kThreads, ceil_div(nitems, kWarps));
     kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(A.data_ptr<scalar_t>(), n, log2_bs, tables, cells,
                                                                  packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
     NF4KIT_LAUNCH_CHECK();
