@@ -75,6 +75,17 @@ __device__ __forceinline__ float stage_nested(const AbsmaxSource& s, float* code
   return __ldg(s.offset);
 }
 
+// Zero an accumulator array (any [A][B][4] tile of mma fragments).
+template <int A, int B>
+__device__ __forceinline__ void zero_tiles(float (&t)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) t[a][b][e] = 0.0f;
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
@@ -246,6 +257,9 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   float vv[EPT];
   bool okv[EPT];
   int64_t k_raw = 0;  // stage k of the raw values held
+  // load_scale / finish_scale per entry, specialised: a 32-bit block index (N * K / blocksize < 2^32
+  // for any weight that fits in GPU memory: 2^32 blocks of 32 are 64 GiB packed) and a power-of-two
+  // nested blocksize (the dispatch sends others to the generic kernel): no 64-bit math or division.
   auto raw = [&]() {
 #pragma unroll
     for (int i = 0; i < EPT; ++i) {
@@ -276,12 +290,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   for (int r = 0; r < 4; ++r) sco[r] = (16 * (r >> 1) + 8 * (r & 1) + g) * US + (UNIFORM ? w : 4 * w + c);
 
   float acc[2][NT][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+  zero_tiles(acc);
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue();
@@ -310,12 +319,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
                      : "=r"(wv[r].x), "=r"(wv[r].y)
                      : "r"(rd[r] + si * kSkinnyRingStride));
       float part[2][NT][4];  // the group's sums (FOLD)
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[mt][nt][e] = 0.0f;
+      zero_tiles(part);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {  // activations k = 16 c + 8 half .. + 7
         uint4 bq[NT];
@@ -517,12 +521,7 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
   decode(0, rc, okc);
 
   float acc[C::kMT][C::kNT][4];
-#pragma unroll
-  for (int mt = 0; mt < C::kMT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < C::kNT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+  zero_tiles(acc);
 
   for (int64_t kt = 0; kt < KT; ++kt) {
     __syncthreads();
