@@ -194,7 +194,6 @@ __device__ __forceinline__ float clamp_min_nan(float x, float lo) { return x < l
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint4 load16_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
-__device__ __forceinline__ uint2 load8_stream(const void* p) { return __ldcs(reinterpret_cast<const uint2*>(p)); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
