@@ -156,6 +156,12 @@ inline void check_device(const at::Tensor& t, const at::Device& want, const char
                     " with the other inputs");
 }
 
+// quantize_4bit's optional NaN/Inf flag: int32, at least one element (its device is checked per backend).
+inline void check_nonfinite_flag(const at::Tensor& flag) {
+  check_dtype(flag, at::kInt, "nonfinite");
+  TORCH_CHECK_VALUE(flag.numel() >= 1, "nonfinite must hold at least one element, got shape ", flag.sizes());
+}
+
 inline void check_blocksize_4bit(int64_t blocksize) {
   TORCH_CHECK_VALUE(valid_blocksize_4bit(blocksize),
                     "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ", blocksize);

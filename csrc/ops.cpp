@@ -6,8 +6,11 @@
 TORCH_LIBRARY(nf4kit, m) {
   // Blockwise 4-bit. A: fp16/bf16/fp32, contiguous, numel >= 1.
   // Returns packed uint8 [(numel + 1) // 2] (element 2i in the high nibble) and float32 absmax
-  // [ceil(numel / blocksize)].
-  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  // [ceil(numel / blocksize)]. nonfinite, when given: int32, >= 1 element, set to 1 when some block's
+  // absmax is NaN or Inf (never cleared: the caller zeroes it). On A's device, or for a CUDA A also
+  // pinned host memory, which the kernel writes directly: the host reads the flag after an event on
+  // the kernel, with no copy queued behind it.
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type, Tensor(a!)? nonfinite=None) -> (Tensor, Tensor)");
   // absmax is float32 [nblocks], or uint8 codes [nblocks] when nested_absmax (float32
   // [ceil(nblocks / nested_blocksize)]), nested_code (float32 [256]) and offset (float32, 1 element)
   // are given; the nested absmax is decoded inside the kernel.

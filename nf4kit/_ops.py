@@ -30,7 +30,7 @@ def _nblocks(n: int, blocksize: int) -> int:
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("nf4kit::quantize_4bit")
-    def _(A: torch.Tensor, blocksize: int, quant_type: str):
+    def _(A: torch.Tensor, blocksize: int, quant_type: str, nonfinite=None):
         n = A.numel()
         packed = A.new_empty(((n + 1) // 2,), dtype=torch.uint8)
         absmax = A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)

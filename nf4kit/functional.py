@@ -6,6 +6,7 @@ Arguments are checked here, once, with errors that name the argument; the torch 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import threading
@@ -164,7 +165,7 @@ class QuantState:
             "quant_type": self.quant_type,
             "absmax": self.absmax,
             "blocksize": self.blocksize,
-            "quant_map": self.code,
+            "quant_map": self.code.clone(),  # a fresh copy: quantize_4bit's states share one table
             "dtype": _dtype_name(self.dtype),
             "shape": tuple(self.shape) if self.shape is not None else None,
         }
@@ -267,34 +268,42 @@ def _check_finite(absmax: torch.Tensor, what: str) -> None:
             "whole block. Clean the input, or pass check_finite=False to quantize it anyway.")
 
 
-_probe_slots = threading.local()  # per thread and device: a pinned float32 and an event, reused
+_flag_slots = threading.local()  # per thread and device: a pinned int32 flag and an event, reused
 
 
-class _FiniteProbe:
-    """Whether a one-element tensor is finite, fetched without stalling the GPU: the copy to the host
-    is queued when the probe is made and waited for in ``finite()``, so kernels queued in between
-    keep the GPU busy while the host waits (and the call does not end on an idle GPU). The pinned
-    landing slot and the event are made once per thread and device and reused (each call waits for
-    its copy before it returns, so a thread's calls never overlap on them)."""
+class _NonfiniteFlag:
+    """The quantize kernel's NaN/Inf flag (an int32 it sets to 1 when a block's absmax is not finite).
+    On a GPU it is pinned host memory that the kernel writes directly, and ``raised()`` waits on an
+    event recorded right after the kernel: nothing is queued on the stream for the check, the kernels
+    queued after it (the nested pass) keep the GPU busy while the host waits, and the call can return
+    before they finish. The flag and the event are made once per thread and device and reused (each
+    call waits for its event before it returns, so a thread's calls never overlap on them)."""
 
-    def __init__(self, t: torch.Tensor):
+    def __init__(self, device: torch.device):
         self._event = None
-        if t.is_cuda:
-            slots = getattr(_probe_slots, "slots", None)
+        if device.type == "cuda":
+            slots = getattr(_flag_slots, "slots", None)
             if slots is None:
-                slots = _probe_slots.slots = {}
-            if t.device not in slots:
-                slots[t.device] = (torch.empty(1, dtype=torch.float32, pin_memory=True), torch.cuda.Event())
-            self._host, self._event = slots[t.device]
-            self._host.copy_(t.reshape(1), non_blocking=True)  # on t's device's current stream
-            self._event.record(torch.cuda.current_stream(t.device))
+                slots = _flag_slots.slots = {}
+            if device not in slots:
+                t = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+                # The host reads and clears it through ctypes (no torch op on the critical path).
+                slots[device] = (t, ctypes.c_int32.from_address(t.data_ptr()), torch.cuda.Event())
+            self.tensor, self._host, self._event = slots[device]
+            self._host.value = 0  # no kernel of this thread's is pending on it (each call waited)
         else:
-            self._host = t.reshape(1)
+            self.tensor = torch.zeros(1, dtype=torch.int32)
+            self._host = None
 
-    def finite(self) -> bool:
+    def kernel_queued(self, device: torch.device) -> None:
         if self._event is not None:
-            self._event.synchronize()
-        return math.isfinite(float(self._host[0]))
+            self._event.record(torch.cuda.current_stream(device))
+
+    def raised(self) -> bool:
+        if self._event is None:
+            return bool(self.tensor[0])
+        self._event.synchronize()
+        return self._host.value != 0
 
 
 def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: Optional[torch.Tensor]) -> None:
@@ -383,16 +392,20 @@ def quantize_4bit(
             f"quant_storage={quant_storage} needs the packed byte count to be a multiple of {itemsize}, "
             f"but {A.numel()} elements pack into {nbytes} bytes; use quant_storage=torch.uint8 for this tensor")
 
-    packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    # NaN/Inf check: the kernel flags a non-finite block absmax (NaN anywhere in a block makes its
+    # absmax NaN; the kernels propagate it). Not under torch.compile, where it would break the graph.
+    flag = None
+    if check_finite and not torch.compiler.is_compiling():
+        flag = _NonfiniteFlag(A.device)
+    packed, _absmax = ops.quantize_4bit(A.contiguous(), blocksize, quant_type,
+                                        None if flag is None else flag.tensor)
+    if flag is not None:
+        flag.kernel_queued(A.device)
     # The offset is torch's float32 mean on A's device (as bitsandbytes computes it).
     offset = _absmax.mean() if compress_statistics else None
-    # NaN/Inf check, one scalar: every absmax is >= 0 or NaN, so NaN or inf anywhere makes their max
-    # (and their mean) non-finite, and a finite one clears them all. The nested mean is at hand; a
-    # non-finite mean of finite values (float32 overflow) falls through to the full check, which passes.
-    probe = None
-    if check_finite and not torch.compiler.is_compiling():
-        probe = _FiniteProbe(offset if compress_statistics else _absmax.amax())
-    code = _code_4bit(quant_type, A.device).clone()  # bnb's quant_map: FP4 index 8 is +0.0
+    # bnb's quant_map (FP4 index 8 is +0.0): the one per-device table, shared like the nested code
+    # below; as_dict() hands out copies.
+    code = _code_4bit(quant_type, A.device)
     if compress_statistics:
         # absmax - offset and its 8-bit quantization run as one kernel.
         qabsmax, absmax2 = ops.quantize_nested_absmax(_absmax, offset.reshape(1), _dynamic_map(A.device),
@@ -406,9 +419,6 @@ def quantize_4bit(
     else:
         state = QuantState(absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type)
-    # The one wait for the GPU, after everything is queued.
-    if probe is not None and not probe.finite():
-        _check_finite(_absmax, "A")
     if quant_storage != torch.uint8:
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1)
@@ -416,6 +426,10 @@ def quantize_4bit(
         packed = out.copy_(packed)
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
+    # The one wait for the GPU, for the quantize kernel only, after everything else is queued: the
+    # call returns while the nested pass still runs.
+    if flag is not None and flag.raised():
+        _check_finite(_absmax, "A")
     return packed, state
 
 

@@ -225,6 +225,10 @@ def op_cases(device):
         ("q4 quant_type", ValueError, "quant_type must be 'nf4' or 'fp4', got 'int4'",
          lambda: ops.quantize_4bit(x, 64, "int4")),
         ("q4 empty", ValueError, "A must not be empty", lambda: ops.quantize_4bit(x[:0], 64, "nf4")),
+        ("q4 nonfinite dtype", TypeError, "nonfinite must be Int, got Float",
+         lambda: ops.quantize_4bit(x, 64, "nf4", torch.zeros(1, device=device))),
+        ("q4 nonfinite empty", ValueError, "nonfinite must hold at least one element",
+         lambda: ops.quantize_4bit(x, 64, "nf4", torch.zeros(0, dtype=torch.int32, device=device))),
         ("dq4 blocksize", ValueError, "blocksize must be one of", deq(blocksize=100)),
         ("dq4 quant_type", ValueError, "quant_type must be 'nf4' or 'fp4'", deq(quant_type="fp8")),
         ("dq4 dtype", TypeError, "dtype must be float16, bfloat16 or float32, got Int", deq(dtype=torch.int32)),
@@ -287,3 +291,8 @@ def test_op_rejects_mixed_devices(device):
     q8, absmax8 = ops.quantize_blockwise(x, DYNAMIC_MAP.cuda(), 64)
     with pytest.raises((ValueError, RuntimeError), match="absmax"):
         ops.dequantize_blockwise(q8, absmax8.cpu(), DYNAMIC_MAP.cuda(), 64, torch.float16)
+    # quantize_4bit's flag may be pinned host memory (the kernel writes it directly), not pageable
+    with pytest.raises(ValueError, match="nonfinite is a CPU tensor that is not pinned"):
+        ops.quantize_4bit(x, 64, "nf4", torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="A must be a CUDA tensor, got one on cpu"):  # the flag picks CUDA
+        ops.quantize_4bit(x.cpu(), 64, "nf4", torch.zeros(1, dtype=torch.int32, device="cuda"))

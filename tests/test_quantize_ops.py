@@ -239,6 +239,49 @@ def test_dequantize_blockwise(device, blocksize):
 
 
 # ------------------------------------------------------------------------------------------------
+# quantize_4bit's NaN/Inf flag
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["device", "pinned"])
+@pytest.mark.parametrize("blocksize", [32, 64, 1024, 4096])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_quantize_4bit_nonfinite_flag(device, dtype, blocksize, where):
+    """The flag is set by a NaN or inf in any block (first, middle, the partial last one), never by
+    finite input, and never cleared; the outputs are those of the call without a flag."""
+    if where == "pinned" and device == "cpu":
+        pytest.skip("pinned host memory is the GPU kernel's form of the flag")
+    n = 5 * 4096 + 2 * blocksize + 7  # several chunks or large blocks, a partial last block
+    x = make_input((n,), dtype, seed=blocksize).to(device)
+
+    def new_flag(value):
+        f = torch.full((1,), value, dtype=torch.int32)
+        return f.pin_memory() if where == "pinned" else f.to(device)
+
+    for quant_type in QUANT_TYPES:
+        flag = new_flag(0)
+        got = ops.quantize_4bit(x, blocksize, quant_type, flag)
+        want = ops.quantize_4bit(x, blocksize, quant_type)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        assert int(flag[0]) == 0, f"{quant_type} bs={blocksize}: finite input set the flag"
+        for g, w in zip(got, want):
+            assert_same_bits(g, w, f"{quant_type} bs={blocksize} with and without the flag")
+        flag = new_flag(1)
+        ops.quantize_4bit(x, blocksize, quant_type, flag)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        assert int(flag[0]) == 1, "the kernel cleared a set flag"
+    for pos, bad in [(0, float("nan")), (3 * 4096 + 5, float("inf")), (n - 1, -float("inf")), (n // 2, float("nan"))]:
+        y = x.clone()
+        y[pos] = bad
+        flag = new_flag(0)
+        ops.quantize_4bit(y, blocksize, "nf4", flag)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        assert int(flag[0]) == 1, f"bs={blocksize}: {bad} at {pos} of {n} did not set the flag"
+
+
+# ------------------------------------------------------------------------------------------------
 # opcheck: schema, fake (meta) kernel, dispatch and autograd registration agree with the kernels
 # ------------------------------------------------------------------------------------------------
 
@@ -250,6 +293,7 @@ def opcheck_cases(device):
     return [
         (ops.quantize_4bit.default, (x, 64, "nf4")),
         (ops.quantize_4bit.default, (x.float(), 32, "fp4")),
+        (ops.quantize_4bit.default, (x, 64, "nf4", torch.zeros(1, dtype=torch.int32, device=device))),
         (ops.dequantize_4bit.default, (packed, absmax, None, None, None, 64, 256, "nf4", [3, 70], torch.bfloat16)),
         (ops.dequantize_4bit.default, (packed, q8, nested, code, offset, 64, 256, "fp4", [210], torch.float32)),
         (ops.quantize_blockwise.default, (x, code, 128)),
@@ -257,7 +301,7 @@ def opcheck_cases(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(device, case):
     op, args = opcheck_cases(device)[case]
     torch.library.opcheck(op, args)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include "../common.h"
@@ -104,10 +105,15 @@ void quantize_4bit_cpu_kernel(const scalar_t* x, int64_t n, int64_t blocksize, u
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A_, int64_t blocksize,
-                                                     c10::string_view quant_type) {
+                                                     c10::string_view quant_type,
+                                                     const c10::optional<at::Tensor>& nonfinite) {
   check_float_input(A_, "A");
   TORCH_CHECK_VALUE(A_.numel() > 0, "A must not be empty, got shape ", A_.sizes());
   check_blocksize_4bit(blocksize);
+  if (nonfinite) {
+    check_nonfinite_flag(*nonfinite);
+    check_device(*nonfinite, A_.device(), "nonfinite");
+  }
   const QuantType qt = parse_quant_type(std::string(quant_type));
   const at::Tensor A = A_.contiguous();
   const int64_t n = A.numel();
@@ -121,6 +127,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A_, int64
     if (qt == QuantType::NF4) run(std::integral_constant<QuantType, QuantType::NF4>{});
     else run(std::integral_constant<QuantType, QuantType::FP4>{});
   });
+  if (nonfinite) {  // every absmax is >= 0 or NaN: not <= FLT_MAX means NaN or inf
+    const float* a = absmax.data_ptr<float>();
+    for (int64_t i = 0; i < absmax.numel(); ++i)
+      if (!(a[i] <= std::numeric_limits<float>::max())) {
+        nonfinite->data_ptr<int32_t>()[0] = 1;
+        break;
+      }
+  }
   return {packed, absmax};
 }
 

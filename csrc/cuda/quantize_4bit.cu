@@ -18,6 +18,8 @@
 // midpoints near 0 are closer than a cell) take the binary search of the midpoints.
 // Chunk items: a resident grid of warps strides over them, each warp loading its next item before it
 // quantizes the current one. Large-block items: one per warp (full_grid). All offsets are 64-bit.
+// A block whose absmax is NaN or inf sets the caller's `nonfinite` flag (functional.quantize_4bit's
+// NaN check reads it from pinned host memory, so the check queues nothing on the stream).
 #include <torch/library.h>
 
 #include <cmath>
@@ -223,13 +225,19 @@ __device__ __forceinline__ void quantize_unit(const Raw<scalar_t>& r, int64_t e0
   }
 }
 
+// A block's absmax is >= 0 or NaN, so "not <= FLT_MAX" is NaN or inf: set the caller's flag (which
+// may live in pinned host memory; the store is rare, and only ever writes 1).
+__device__ __forceinline__ void flag_nonfinite(float m, int32_t* nonfinite) {
+  if (!(m <= 3.402823466e38f) && nonfinite != nullptr) *reinterpret_cast<volatile int32_t*>(nonfinite) = 1;
+}
+
 // A loaded chunk item (blocksize 2^kLog2Bs <= 1024, known at compile time: the lane shuffles unroll
 // and block indices are constant shifts): absmax per block, quantize. c0 is a multiple of 1024, so
 // the chunk's packed bytes and absmax values start at c0 / 2 and c0 / blocksize.
 template <typename scalar_t, QuantType QT, bool kFull, int kLog2Bs>
 __device__ __forceinline__ void quantize_chunk(const Raw<scalar_t> (&r)[kSegs], int64_t c0, int64_t n, int lane,
                                                const Code4Tables& t, const Smem& sm, uint8_t* __restrict__ packed,
-                                               float* __restrict__ absmax) {
+                                               float* __restrict__ absmax, int32_t* nonfinite) {
   float m[kSegs];
 #pragma unroll
   for (int s = 0; s < kSegs; ++s) m[s] = unit_absmax(r[s]);
@@ -253,7 +261,10 @@ __device__ __forceinline__ void quantize_chunk(const Raw<scalar_t> (&r)[kSegs], 
     if (!kFull && e0 >= n) continue;
     // only the last block can be partial
     const bool partial = !kFull && ((e0 >> kLog2Bs) + 1) * int64_t{kBs} > n;
-    if ((in & (kBs - 1)) == 0) am[in >> kLog2Bs] = partial ? clamp_min_nan(m[s], kTinyAbsmax) : m[s];
+    if ((in & (kBs - 1)) == 0) {  // the block's first unit writes its absmax (and flags NaN / inf)
+      am[in >> kLog2Bs] = partial ? clamp_min_nan(m[s], kTinyAbsmax) : m[s];
+      flag_nonfinite(m[s], nonfinite);
+    }
     quantize_unit<scalar_t, QT, kFull>(r[s], e0, n, m[s], partial, t, sm, pk + s * (kSeg / 2));
   }
 }
@@ -262,7 +273,8 @@ __device__ __forceinline__ void quantize_chunk(const Raw<scalar_t> (&r)[kSegs], 
 template <typename scalar_t, QuantType QT, bool kFull>
 __device__ __forceinline__ void quantize_block_item(const scalar_t* __restrict__ x, int64_t block, int64_t n,
                                                     int log2_bs, int lane, const Code4Tables& t, const Smem& sm,
-                                                    uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+                                                    uint8_t* __restrict__ packed, float* __restrict__ absmax,
+                                                    int32_t* nonfinite) {
   const int64_t start = block << log2_bs;
   const int chunks = 1 << (log2_bs - 10);
   float m = 0.0f;
@@ -275,7 +287,10 @@ __device__ __forceinline__ void quantize_block_item(const scalar_t* __restrict__
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
   const bool partial = !kFull;  // kFull: the block lies wholly before n
-  if (lane == 0) absmax[block] = partial ? clamp_min_nan(m, kTinyAbsmax) : m;
+  if (lane == 0) {
+    absmax[block] = partial ? clamp_min_nan(m, kTinyAbsmax) : m;
+    flag_nonfinite(m, nonfinite);
+  }
   for (int c = 0; c < chunks; ++c) {
     Raw<scalar_t> r[kSegs];
     const int64_t c0 = start + c * kChunk;
@@ -294,7 +309,7 @@ __device__ __forceinline__ void quantize_block_item(const scalar_t* __restrict__
 template <typename scalar_t, QuantType QT, int kLog2Bs>
 __global__ void __launch_bounds__(kThreads)
     quantize_4bit_kernel(const scalar_t* __restrict__ x, int64_t n, int log2_bs, Code4Tables tables, CellTables cells,
-                         uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+                         uint8_t* __restrict__ packed, float* __restrict__ absmax, int32_t* nonfinite) {
   __shared__ Smem sm;
   if (threadIdx.x < 16) {
     sm.mids[threadIdx.x] = threadIdx.x < 15 ? tables.mids[threadIdx.x] : 0.0f;  // [15] never read
@@ -315,8 +330,10 @@ __global__ void __launch_bounds__(kThreads)
   int64_t it = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if constexpr (kLargeBlocks) {
     for (; it < nitems; it += nwarps) {
-      if (whole(it)) quantize_block_item<scalar_t, QT, true>(x, it, n, log2_bs, lane, tables, sm, packed, absmax);
-      else quantize_block_item<scalar_t, QT, false>(x, it, n, log2_bs, lane, tables, sm, packed, absmax);
+      if (whole(it))
+        quantize_block_item<scalar_t, QT, true>(x, it, n, log2_bs, lane, tables, sm, packed, absmax, nonfinite);
+      else
+        quantize_block_item<scalar_t, QT, false>(x, it, n, log2_bs, lane, tables, sm, packed, absmax, nonfinite);
     }
   } else {
     // A resident grid: each warp loads its next chunk before it quantizes the current one, so its
@@ -327,13 +344,13 @@ __global__ void __launch_bounds__(kThreads)
     for (; it < nwhole; it += nwarps) {
       Raw<scalar_t> next[kSegs];
       if (it + nwarps < nwhole) load_chunk<scalar_t, true>(x, (it + nwarps) << 10, n, lane, next);
-      quantize_chunk<scalar_t, QT, true, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax);
+      quantize_chunk<scalar_t, QT, true, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax, nonfinite);
 #pragma unroll
       for (int s = 0; s < kSegs; ++s) r[s] = next[s];
     }
     if (it == nwhole && nwhole < nitems) {  // the tail item falls to exactly one warp
       load_chunk<scalar_t, false>(x, it << 10, n, lane, r);
-      quantize_chunk<scalar_t, QT, false, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax);
+      quantize_chunk<scalar_t, QT, false, kLog2Bs>(r, it << 10, n, lane, tables, sm, packed, absmax, nonfinite);
     }
   }
 }
@@ -352,14 +369,37 @@ auto kernel_for(int log2_bs) {
   }
 }
 
+// The NaN / Inf flag as a pointer the kernel can store to: a tensor on A's device, or pinned host
+// memory, which is mapped into the device's address space (the store lands in host memory, so the
+// host reads it after an event on the kernel, with no copy queued on the stream).
+int32_t* nonfinite_flag_ptr(const c10::optional<at::Tensor>& flag, const at::Tensor& A) {
+  if (!flag) return nullptr;
+  check_nonfinite_flag(*flag);
+  if (flag->is_cuda()) {
+    check_device(*flag, A.device(), "nonfinite");
+    return flag->data_ptr<int32_t>();
+  }
+  TORCH_CHECK_VALUE(flag->is_cpu(), "nonfinite must be on ", A.device(), " or in pinned host memory, got ",
+                    flag->device());
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, flag->data_ptr());
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; clear it before raising
+  TORCH_CHECK_VALUE(err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr,
+                    "nonfinite is a CPU tensor that is not pinned (mapped) host memory; pass one on ", A.device(),
+                    " or made with pin_memory=True");
+  return static_cast<int32_t*>(attr.devicePointer);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A_, int64_t blocksize,
-                                                      c10::string_view quant_type) {
+                                                      c10::string_view quant_type,
+                                                      const c10::optional<at::Tensor>& nonfinite) {
   TORCH_CHECK_VALUE(A_.is_cuda(), "A must be a CUDA tensor, got one on ", A_.device());
   check_float_input(A_, "A");
   TORCH_CHECK_VALUE(A_.numel() > 0, "A must not be empty, got shape ", A_.sizes());
   check_blocksize_4bit(blocksize);
   const QuantType qt = parse_quant_type(std::string(quant_type));
   const c10::cuda::CUDAGuard guard(A_.device());
+  int32_t* flag = nonfinite_flag_ptr(nonfinite, A_);
   at::Tensor A = A_.contiguous();
   if (!aligned16(A.data_ptr())) A = A.clone();  // a view at an odd offset: 16-byte loads need alignment
   const int64_t n = A.numel();
@@ -381,9 +421,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A_, int6
     auto* kernel = qt == QuantType::NF4 ? kernel_for<scalar_t, QuantType::NF4>(log2_bs)
                                         : kernel_for<scalar_t, QuantType::FP4>(log2_bs);
     // chunk items: a resident grid (each warp prefetches its next item); large blocks: one per warp
-    const int64_t grid = large ? full_grid(ceil_div(nitems, kWarps)) : resident_grid(kernel, kThreads, ceil_div(nitems, kWarps));
+    const int64_t ctas = ceil_div(nitems, kWarps);
+    const int64_t grid = large ? full_grid(ctas) : resident_grid(kernel, kThreads, ctas);
     kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(A.data_ptr<scalar_t>(), n, log2_bs, tables, cells,
-                                                                 packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+                                                                 packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                                                 flag);
     NF4KIT_LAUNCH_CHECK();
   });
   return {packed, absmax};
