@@ -182,6 +182,16 @@ def sanitize() -> None:
                         q8, na = ops.quantize_nested_absmax(a, off, code8, 256)
                         assert torch.equal(p.cpu(), ops.quantize_4bit(inp.cpu(), bs, qt)[0])
                         cases.append((p, a, q8, na, off, bs, qt, n, dtype))
+            # the NaN/Inf flag, on the device and in pinned host memory, with a NaN in a partial block
+            y = x.clone()
+            y[-1] = float("nan")
+            for flag in (torch.zeros(1, dtype=torch.int32, device="cuda"),
+                         torch.zeros(1, dtype=torch.int32).pin_memory()):
+                for bs in (64, 4096):
+                    ops.quantize_4bit(y, bs, "nf4", flag)
+                    torch.cuda.synchronize()
+                    assert int(flag[0]) == 1, "the NaN did not set the flag"
+                    flag.zero_()
             for bs in (7, 256, 4096):
                 q, a = ops.quantize_blockwise(x, code8, bs)
                 assert torch.equal(q.cpu(), ops.quantize_blockwise(x.cpu(), code8.cpu(), bs)[0])
