@@ -422,14 +422,15 @@ def quantize_4bit(
     if quant_storage != torch.uint8:
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1)
-    if out is not None:
-        packed = out.copy_(packed)
-    if absmax is not None:
-        state.absmax = absmax.copy_(state.absmax)
     # The one wait for the GPU, for the quantize kernel only, after everything else is queued: the
     # call returns while the nested pass still runs.
     if flag is not None and flag.raised():
         _check_finite(_absmax, "A")
+    # The caller's buffers are written only once the input passed the check.
+    if out is not None:
+        packed = out.copy_(packed)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
     return packed, state
 
 

@@ -81,6 +81,12 @@ def test_quantize_4bit_non_finite_input(device, dtype, bad):
         F.quantize_4bit(x, blocksize=64, quant_type="nf4")
     with pytest.raises(ValueError, match="A contains NaN or Inf"):
         F.quantize_4bit(x, blocksize=64, quant_type="fp4", compress_statistics=True)
+    # the caller's buffers are left as they were
+    out = torch.full((160, 1), 7, dtype=torch.uint8, device=device)
+    absmax = torch.full((5,), 3.0, device=device)
+    with pytest.raises(ValueError, match="A contains NaN or Inf"):
+        F.quantize_4bit(x, absmax=absmax, out=out, blocksize=64, quant_type="nf4")
+    assert bool((out == 7).all()) and bool((absmax == 3.0).all())
     packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", check_finite=False)
     ref_packed, ref_absmax = R.quantize_4bit(x.cpu(), 64, "nf4")
     assert_same_bits(packed.reshape(-1), ref_packed)
