@@ -258,9 +258,8 @@ def _check_quant_type(quant_type: str) -> None:
 
 
 def _check_finite(absmax: torch.Tensor, what: str) -> None:
-    """NaN/Inf anywhere in a block shows in its absmax (the kernels propagate NaN)."""
-    if torch.compiler.is_compiling():
-        return
+    """NaN/Inf anywhere in a block shows in its absmax (the kernels propagate NaN). Called once the
+    kernel's flag is up (never while compiling: quantize_4bit then passes no flag), to name the block."""
     if not bool(torch.isfinite(absmax).all()):
         bad = int((~torch.isfinite(absmax)).nonzero()[0])
         raise ValueError(
