@@ -137,6 +137,7 @@ __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_
 // unused upper halves; one barrier per stage. (Loading each lane's 8-byte pieces straight from
 // global memory cost 8 L1 wavefronts per 256 bytes: ncu showed the L1 data pipe, not DRAM, as the
 // limit.) The stage's absmax values are decoded once by the block into a small shared table.
+constexpr int kSkinnyAny = 0, kSkinnyUniform = 1, kSkinnyWhole = 2;  // skinny_main's MODE
 constexpr int kSkinnyWarps = 8;
 constexpr int kSkinnyRows = 32;                             // W rows per block
 constexpr int kSkinnyGroup = 64;                            // k per warp per stage
@@ -178,8 +179,12 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 }
 
 // The kernel after its tables are staged (smem: pair table with the ring in its row holes, code8).
-template <typename T, int NT, bool UNIFORM, bool ZB>
+// MODE: kSkinnyAny (any blocksize, K % 32 == 0), kSkinnyUniform (UNIFORM, below), kSkinnyWhole (also
+// K % 512 == 0 and N % 32 == 0: whole stages and tiles, so the copies, scales and activation loads
+// need no bounds checks, ~10% of the loop's instructions).
+template <typename T, int NT, int MODE, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off) {
+  constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
   constexpr int S = kSkinnyStages;
   constexpr int SK = kSkinnyStageK;
@@ -211,7 +216,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       const uint32_t si = static_cast<uint32_t>(s_issue & (S - 1));
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const bool ok = rok[i] && k_issue + kq[i] < K;
+        const bool ok = WHOLE || (rok[i] && k_issue + kq[i] < K);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
                      "l"(ok ? src[i] : p.packed), "r"(ok ? 16 : 0)
                      : "memory");
@@ -265,7 +270,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     for (int i = 0; i < EPT; ++i) {
       qv[i] = 0u;
       vv[i] = 0.0f;
-      okv[i] = k_raw + ek[i] < K;
+      okv[i] = WHOLE || k_raw + ek[i] < K;
       if (okv[i]) {
         const uint32_t b = static_cast<uint32_t>(es[i] >> p.bs_shift);
         if (nested) {
@@ -303,7 +308,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     issue();
     const uint32_t si = static_cast<uint32_t>(s & (S - 1));
     {  // the warp's group of this stage
-      const bool live = k_lane < K;  // false for the upper lanes/warps of a partial last stage
+      const bool live = WHOLE || k_lane < K;  // false for the upper lanes/warps of a partial last stage
       float sc[4];
 #pragma unroll
       for (int r = 0; r < 4; ++r) sc[r] = sct[(s & 1) * kSkinnyRows * US + sco[r]];
@@ -414,15 +419,15 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 }
 
 // Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two above.
-template <typename T, int NT, bool UNIFORM>
+template <typename T, int NT, int MODE>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
   build_wide_table<T>(smem, p.code);
   const float off = stage_nested(p.absmax, code8);
   __syncthreads();
-  if (mma::smem_addr(smem) == 0) skinny_main<T, NT, UNIFORM, true>(p, smem, code8, off);
-  else skinny_main<T, NT, UNIFORM, false>(p, smem, code8, off);
+  if (mma::smem_addr(smem) == 0) skinny_main<T, NT, MODE, true>(p, smem, code8, off);
+  else skinny_main<T, NT, MODE, false>(p, smem, code8, off);
 }
 
 // =============================================================================================
@@ -697,9 +702,9 @@ void allow_smem(Kernel* kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-template <typename T, int NT, bool UNIFORM>
+template <typename T, int NT, int MODE>
 void launch_skinny_slice(const GemmParams& p, cudaStream_t stream) {
-  auto* kernel = &gemm4_skinny_kernel<T, NT, UNIFORM>;
+  auto* kernel = &gemm4_skinny_kernel<T, NT, MODE>;
   allow_smem(kernel, static_cast<int>(skinny_smem_bytes()));
   const int64_t blocks = ceil_div(p.N, kSkinnyRows);
   kernel<<<static_cast<unsigned>(blocks), kSkinnyWarps * 32, skinny_smem_bytes(), stream>>>(p);
@@ -712,19 +717,21 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
   // group's float32 sums instead of each pair of codes.
   const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0;
+  const bool whole = uniform && p.K % kSkinnyStageK == 0 && p.N % kSkinnyRows == 0;
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
     GemmParams q = p;
     q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
     q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
-    auto go = [&](auto uniform_tag) {
-      constexpr bool UN = decltype(uniform_tag)::value;
-      if (q.M <= 8) launch_skinny_slice<T, 1, UN>(q, stream);
-      else if (q.M <= 16) launch_skinny_slice<T, 2, UN>(q, stream);
-      else launch_skinny_slice<T, 4, UN>(q, stream);
+    auto go = [&](auto mode_tag) {
+      constexpr int MODE = decltype(mode_tag)::value;
+      if (q.M <= 8) launch_skinny_slice<T, 1, MODE>(q, stream);
+      else if (q.M <= 16) launch_skinny_slice<T, 2, MODE>(q, stream);
+      else launch_skinny_slice<T, 4, MODE>(q, stream);
     };
-    if (uniform) go(std::true_type{});
-    else go(std::false_type{});
+    if (whole) go(std::integral_constant<int, kSkinnyWhole>{});
+    else if (uniform) go(std::integral_constant<int, kSkinnyUniform>{});
+    else go(std::integral_constant<int, kSkinnyAny>{});
   }
 }
 
