@@ -182,7 +182,7 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 // MODE: kSkinnyAny (any blocksize, K % 32 == 0), kSkinnyUniform (UNIFORM, below), kSkinnyWhole (also
 // K % 512 == 0 and N % 32 == 0: whole stages and tiles, so the copies, scales and activation loads
 // need no bounds checks, ~10% of the loop's instructions).
-template <typename T, int NT, int MODE, bool ZB>
+template <typename T, int NT, int MODE, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
@@ -193,7 +193,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSkinnyRows;
   const int nstages = static_cast<int>((K + SK - 1) / SK);
   const uint32_t tab = mma::smem_addr(smem), lane4 = 4u * lane;
-  const bool nested = p.absmax.absmax_f32 == nullptr;
+  constexpr bool nested = NESTED;
 
   // Copy side: thread t copies 16-byte chunks t and t + 256 of a stage (row id / 16, chunk id % 16
   // of the row's 256 bytes); rows past N and k past K as zeros. Pointers and k advance per stage.
@@ -273,7 +273,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       okv[i] = WHOLE || k_raw + ek[i] < K;
       if (okv[i]) {
         const uint32_t b = static_cast<uint32_t>(es[i] >> p.bs_shift);
-        if (nested) {
+        if constexpr (nested) {
           qv[i] = __ldg(p.absmax.absmax_u8 + b);
           vv[i] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
         } else {
@@ -294,6 +294,21 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 #pragma unroll
   for (int r = 0; r < 4; ++r) sco[r] = (16 * (r >> 1) + 8 * (r & 1) + g) * US + (UNIFORM ? w : 4 * w + c);
 
+  // The lane's activations of a step (k = k_lane .. + 15 of rows 8 nt + g), loaded at the end of the
+  // step before, so that their latency hides behind the barrier and the decode; 0 past M or K
+  // (the upper lanes/warps of a partial last stage).
+  uint4 act[2][NT];
+  auto load_act = [&](bool stage_ok) {
+    const bool live = stage_ok && (WHOLE || k_lane < K);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        act[half][nt] = (live && ap[nt] != nullptr) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
+                                                    : make_uint4(0u, 0u, 0u, 0u);
+  };
+  load_act(true);
+
   float acc[2][NT][4];
   zero_tiles(acc);
 
@@ -308,7 +323,6 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     issue();
     const uint32_t si = static_cast<uint32_t>(s & (S - 1));
     {  // the warp's group of this stage
-      const bool live = WHOLE || k_lane < K;  // false for the upper lanes/warps of a partial last stage
       float sc[4];
 #pragma unroll
       for (int r = 0; r < 4; ++r) sc[r] = sct[(s & 1) * kSkinnyRows * US + sco[r]];
@@ -327,12 +341,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       zero_tiles(part);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {  // activations k = 16 c + 8 half .. + 7
-        uint4 bq[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          bq[nt] = (live && ap[nt] != nullptr)
-                       ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
-                       : make_uint4(0u, 0u, 0u, 0u);
+        const uint4* bq = act[half];
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {  // step j = 2 half + jj: bytes 2j, 2j + 1 = word half, bytes 2jj, 2jj + 1
 #pragma unroll
@@ -378,6 +387,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
       if (ap[nt] != nullptr) ap[nt] += 2 * SK;
+    load_act(s + 1 < nstages);
   }
   mma::cp_async_wait<0>();
 
@@ -426,8 +436,14 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skin
   build_wide_table<T>(smem, p.code);
   const float off = stage_nested(p.absmax, code8);
   __syncthreads();
-  if (mma::smem_addr(smem) == 0) skinny_main<T, NT, MODE, true>(p, smem, code8, off);
-  else skinny_main<T, NT, MODE, false>(p, smem, code8, off);
+  const bool nested = p.absmax.absmax_f32 == nullptr;
+  if (mma::smem_addr(smem) == 0) {
+    if (nested) skinny_main<T, NT, MODE, true, true>(p, smem, code8, off);
+    else skinny_main<T, NT, MODE, false, true>(p, smem, code8, off);
+  } else {
+    if (nested) skinny_main<T, NT, MODE, true, false>(p, smem, code8, off);
+    else skinny_main<T, NT, MODE, false, false>(p, smem, code8, off);
+  }
 }
 
 // =============================================================================================
@@ -717,7 +733,9 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
   // group's float32 sums instead of each pair of codes.
   const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0;
-  const bool whole = uniform && p.K % kSkinnyStageK == 0 && p.N % kSkinnyRows == 0;
+  const char* force = std::getenv("NF4KIT_SKINNY_MODE");  // development aid: "uniform" skips kSkinnyWhole
+  const bool whole = uniform && p.K % kSkinnyStageK == 0 && p.N % kSkinnyRows == 0 &&
+                     !(force != nullptr && !std::strcmp(force, "uniform"));
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
     GemmParams q = p;
     q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
