@@ -240,13 +240,13 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
         with env(NF4KIT_GEMM_PATH="skinny"):
             res.append(("skinny", bench(lambda: F.matmul_4bit(A, Bq.t(), qs))))
         print(f"  M={M:3d} cublas {t_c:.4f} | " + " ".join(f"{c}:{t:.4f}({t_c / t:.2f}x)" for c, t in res), flush=True)
-    for M in ((32, 48, 64, 96, 128, 256, 1024, 4096) if sweep_paths else ()):
+    for M in ((16, 32, 48, 64, 96, 128, 256, 512, 1024, 4096) if sweep_paths else ()):
         A = torch.randn(M, K, device="cuda", dtype=dtype)
         rep = 40 if M >= 1024 else 100
         t_c = bench(lambda: TF.linear(A, W), rep)
         res = []
-        for path in ("skinny", "tc", "dequant"):
-            if path == "skinny" and M > 256:
+        for path in ("skinny", "tc", "wg", "dequant"):
+            if path in ("skinny", "tc") and M > 256:
                 continue
             with env(NF4KIT_GEMM_PATH=path):
                 res.append((path, bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)))
@@ -275,6 +275,7 @@ def sanitize():
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
+             ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 300, 140, 128),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
@@ -318,8 +319,10 @@ if __name__ == "__main__":
     elif args.sanitize:
         sanitize()
     elif args.tune:
-        tune(sweep_paths=os.environ.get("TUNE_PATHS", "1") == "1")
-        tune(4096, 4096, sweep_paths=False)
+        import torch
+        with torch.inference_mode():  # no autograd bookkeeping in the timed calls
+            tune(sweep_paths=os.environ.get("TUNE_PATHS", "1") == "1")
+            tune(4096, 4096, sweep_paths=False)
     else:
         layers = LAYERS if not args.layers else tuple(tuple(int(v) for v in s.split("x")) for s in args.layers.split(","))
         batches = BATCHES if not args.batches else tuple(int(b) for b in args.batches.split(","))

@@ -18,6 +18,8 @@
 // All offsets into W and A are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <torch/library.h>
 
 #include <cstdio>
@@ -32,6 +34,7 @@
 #include "common.cuh"
 #include "dequantize_4bit.cuh"
 #include "gemm_4bit_mma.cuh"
+#include "gemm_4bit_wgmma.cuh"
 
 namespace nf4kit {
 namespace cuda {
@@ -607,6 +610,201 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
 }
 
 // =============================================================================================
+// Warpgroup kernel (sm_90a; the wgmma pipeline is described in gemm_4bit_wgmma.cuh)
+// =============================================================================================
+// Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
+// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8.
+template <int BN>
+struct WgCfg {
+  static constexpr int kRows = 128, kBK = 64, kThreads = 256;
+  static constexpr int kStages = BN == 64 ? 6 : (BN == 128 ? 5 : 4);
+  static constexpr int kAStage = BN * 128;
+  static constexpr int kWStage = kRows * 32;
+  static constexpr int kWOff = kStages * kAStage;
+  static constexpr int kTabOff = kWOff + kStages * kWStage;
+  static constexpr int kCode8Off = kTabOff + mma::kPairTableBytes;
+  static constexpr int kBarOff = kCode8Off + 1024;
+  static constexpr int kSmem = kBarOff + 8 * kStages + 1024;  // + room to align the base to 1024
+  static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
+  static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
+};
+
+// Thread (warp w, lane 4 g + c) of the block: W rows 64 (w / 4) + 16 (w % 4) + g + 8 h (h = 0, 1),
+// which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
+// of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
+// UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
+template <typename T, int BN, bool UNIFORM, bool NESTED>
+__global__ void __launch_bounds__(256, 1)
+    gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const int m_tiles, const int n_tiles) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WgCfg<BN>;
+  constexpr int S = C::kStages;
+  constexpr int NS = UNIFORM ? 2 : 4;  // scales per lane and tile
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (mma::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint32_t* tab = reinterpret_cast<uint32_t*>(smem + C::kTabOff);
+  float* code8 = reinterpret_cast<float*>(smem + C::kCode8Off);
+  const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);  // full[s]: tile of slot s landed
+  mma::build_pair_table<T>(tab, p.code);
+  const float off = stage_nested(p.absmax, code8);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) wg::mbar_init(bar0 + 8 * s, 1);
+    wg::mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int group = blockIdx.x / (C::kGroupM * n_tiles);
+  const int first_m = group * C::kGroupM;
+  const int gm = min(C::kGroupM, m_tiles - first_m);
+  const int local = blockIdx.x - group * C::kGroupM * n_tiles;
+  const int64_t m0 = static_cast<int64_t>(first_m + local % gm) * BN;
+  const int64_t n0 = static_cast<int64_t>(local / gm) * C::kRows;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int64_t N = p.N, K = p.K;
+  const int KT = static_cast<int>((K + C::kBK - 1) / C::kBK);
+  const uint32_t a_base = mma::smem_addr(smem), w_base = a_base + C::kWOff;
+
+  // Copies: the activation tile by TMA (thread 0; rows past M and k past K arrive as zeros, the
+  // 128-byte swizzle applied by the copy engine), completing on full[slot]; packed W by cp.async,
+  // row tid / 2, bytes 16 (tid % 2) .. + 15 of the tile's 32, 0 past N or K.
+  const bool wok = n0 + (tid >> 1) < N;
+  const uint8_t* wsrc = p.packed + (std::min<int64_t>(n0 + (tid >> 1), N - 1) * K) / 2 + 16 * (tid & 1);
+  const uint32_t wdst = w_base + tid * 16;
+  auto issue = [&](int kt, int slot) {
+    if (kt < KT) {
+      const int64_t k0 = static_cast<int64_t>(kt) * C::kBK;
+      if (tid == 0) {
+        wg::mbar_expect_tx(bar0 + 8 * slot, C::kAStage);
+        wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, static_cast<int>(k0), static_cast<int>(m0), bar0 + 8 * slot);
+      }
+      const bool ok = wok && k0 + 32 * (tid & 1) < K;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(wdst + slot * C::kWStage),
+                   "l"(ok ? wsrc + k0 / 2 : p.packed), "r"(ok ? 16 : 0)
+                   : "memory");
+    }
+    mma::cp_async_commit();
+  };
+
+  // Scales of this lane's rows, raw values loaded a tile ahead.
+  const int wrow = 64 * (warp >> 2) + 16 * (warp & 3) + g;  // row h = 0 within the block's 128
+  int64_t erow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) erow[h] = std::min<int64_t>(n0 + wrow + 8 * h, N - 1) * K;
+  // (kLookahead tiles ahead, in as many register sets: a tile's steps are short next to a DRAM
+  // round trip.)
+  constexpr int LA = C::kLookahead;
+  uint32_t qv[LA][NS];
+  float vv[LA][NS];
+  auto raw = [&](int kt, uint32_t (&q)[NS], float (&v)[NS]) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      const int h = UNIFORM ? j : (j >> 1), half = UNIFORM ? 0 : (j & 1);
+      const int64_t k = static_cast<int64_t>(kt) * C::kBK + 32 * half;
+      q[j] = 0u;
+      v[j] = 0.0f;
+      if (kt < KT && k < K) {
+        const int64_t b = (erow[h] + k) >> p.bs_shift;
+        if constexpr (NESTED) {
+          q[j] = __ldg(p.absmax.absmax_u8 + b);
+          v[j] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+        } else {
+          v[j] = __ldg(p.absmax.absmax_f32 + b);
+        }
+      }
+    }
+  };
+  uint32_t s2[NS];
+  auto finish = [&](const uint32_t (&q)[NS], const float (&v)[NS]) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[q[j]], v[j], off) : v[j]);
+  };
+
+  // Decode: entry v of lane l of the pair table at byte v * 128 + 4 l = (PRMT of byte c next to 8 l) / 2.
+  const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
+  auto look = [&](uint32_t w) {
+    uint32_t r;
+    asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab_base + (__byte_perm(w, lane8, sel) >> 1)));
+    return r;
+  };
+  const uint32_t w_rd = w_base + wrow * 32;
+  auto decode = [&](int slot, uint32_t (&a)[4][4]) {
+    uint4 w[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(w[h][q].x), "=r"(w[h][q].y), "=r"(w[h][q].z), "=r"(w[h][q].w)
+                     : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * q));
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t sa = s2[UNIFORM ? 0 : (kk >> 1)], sb = s2[UNIFORM ? 1 : 2 + (kk >> 1)];
+      a[kk][0] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1))), sa);
+      a[kk][1] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1))), sb);
+      a[kk][2] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1) + 1)), sa);
+      a[kk][3] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1) + 1)), sb);
+    }
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  auto compute = [&](int slot, const uint32_t (&a)[4][4]) {
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs<T, BN>(acc, a[kk], wg::desc_k_sw128(a_base + slot * C::kAStage + 32 * kk));
+    wg::commit();
+  };
+
+  uint32_t af0[4][4], af1[4][4];
+  int rd_slot = 0, wr_slot = S - 2;
+  uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) issue(s, s);
+#pragma unroll
+  for (int i = 0; i < LA; ++i) raw(i, qv[i], vv[i]);
+  auto step = [&](int kt, uint32_t (&af)[4][4], uint32_t (&q)[NS], float (&v)[NS]) {
+    mma::cp_async_wait<S - 3>();  // packed W of tile kt is in (this thread's copies) ...
+    __syncthreads();              // ... everyone's; and every warp is past the wait for group kt - 2
+    issue(kt + S - 2, wr_slot);   // into tile kt - 2's slot
+    finish(q, v);
+    raw(kt + LA, q, v);
+    decode(rd_slot, af);
+    wg::mbar_wait(bar0 + 8 * rd_slot, (phases >> rd_slot) & 1u);  // the activations of tile kt
+    phases ^= 1u << rd_slot;
+    compute(rd_slot, af);
+    wg::wait<1>();  // group kt - 1 done: its A registers and slot are free
+    rd_slot = rd_slot + 1 == S ? 0 : rd_slot + 1;
+    wr_slot = wr_slot + 1 == S ? 0 : wr_slot + 1;
+  };
+  static_assert(LA == 4, "the loop below is unrolled for 4 scale sets");
+  int kt = 0;
+  for (; kt + 3 < KT; kt += 4) {
+    step(kt, af0, qv[0], vv[0]);
+    step(kt + 1, af1, qv[1], vv[1]);
+    step(kt + 2, af0, qv[2], vv[2]);
+    step(kt + 3, af1, qv[3], vv[3]);
+  }
+  if (kt < KT) step(kt, af0, qv[0], vv[0]);
+  if (kt + 1 < KT) step(kt + 1, af1, qv[1], vv[1]);
+  if (kt + 2 < KT) step(kt + 2, af0, qv[2], vv[2]);
+  wg::wait<0>();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+  mma::cp_async_wait<0>();
+
+  // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) store_out<T>(p, m0 + 8 * j + 2 * c + (e & 1), n0 + wrow + 8 * (e >> 1), acc[4 * j + e]);
+#else
+  __trap();  // built without sm_90a code: the host never launches it (wg_supported)
+#endif
+}
+
+// =============================================================================================
 // Generic kernel: any K (rows may start mid-byte and mid-block), any dtype, M in blocks of 8
 // =============================================================================================
 // One warp per output feature n and 8 batch rows; lanes stride over k. Each weight is decoded
@@ -656,14 +854,15 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm4_generic_kernel(const
 // =============================================================================================
 // Host side
 // =============================================================================================
-enum class Path { Auto, Skinny, TensorCore, Dequant, Generic };
+enum class Path { Auto, Skinny, TensorCore, Warpgroup, Dequant, Generic };
 
-// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|dequant|generic.
+// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|wg|dequant|generic.
 Path path_override() {
   const char* s = std::getenv("NF4KIT_GEMM_PATH");
   if (s == nullptr || *s == '\0') return Path::Auto;
   if (!std::strcmp(s, "skinny")) return Path::Skinny;
   if (!std::strcmp(s, "tc")) return Path::TensorCore;
+  if (!std::strcmp(s, "wg")) return Path::Warpgroup;
   if (!std::strcmp(s, "dequant")) return Path::Dequant;
   if (!std::strcmp(s, "generic")) return Path::Generic;
   return Path::Auto;
@@ -680,6 +879,7 @@ Path path_override() {
 //                256 on the gap grows (0.37 vs 0.76 ms at 256; 3.06 vs 11.4 ms at 4096).
 // Beyond M = 32 none beats cuBLAS fp16 yet (0.45x-0.96x), though all beat bitsandbytes: see the results.
 constexpr int64_t kSkinnyAutoMaxM = 32;
+constexpr int64_t kWgMaxM = 512;
 constexpr int64_t kTcMaxM = 64;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {
@@ -763,6 +963,50 @@ void launch_tc(const GemmParams& p, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
+// The TMA descriptor of A [M, K] (T, row-major): boxes of BN rows x 64 k, 128-byte swizzle, zeros
+// out of bounds. cuTensorMapEncodeTiled comes from the driver through the runtime (no -lcuda).
+template <typename T>
+CUtensorMap activation_map(const GemmParams& p, int box_rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(fn != nullptr && q == cudaDriverEntryPointSuccess, "gemm_4bit: cuTensorMapEncodeTiled not found");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.K) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(&map, std::is_same_v<T, at::Half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                            2, const_cast<uint8_t*>(p.A), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "gemm_4bit: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return map;
+}
+
+template <typename T, int BN>
+void launch_wg(const GemmParams& p, bool uniform, cudaStream_t stream) {
+  using C = WgCfg<BN>;
+  const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
+  const bool nested = p.absmax.absmax_f32 == nullptr;
+  const CUtensorMap a_map = activation_map<T>(p, BN);
+  auto go = [&](auto kernel) {
+    allow_smem(kernel, C::kSmem);
+    kernel<<<static_cast<unsigned>(m_tiles * n_tiles), C::kThreads, C::kSmem, stream>>>(
+        p, a_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles));
+    NF4KIT_LAUNCH_CHECK();
+  };
+  if (uniform) {
+    if (nested) go(&gemm4_wg_kernel<T, BN, true, true>);
+    else go(&gemm4_wg_kernel<T, BN, true, false>);
+  } else {
+    if (nested) go(&gemm4_wg_kernel<T, BN, false, true>);
+    else go(&gemm4_wg_kernel<T, BN, false, false>);
+  }
+}
+
 template <typename T>
 void launch_generic(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kGenericWarps)),
@@ -794,9 +1038,16 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   Path path = path_override();
   if (path == Path::Skinny && !mma_ok) path = Path::Auto;
   if (path == Path::TensorCore && !(mma_ok && ceil_div(a.N, 128) <= 65535)) path = Path::Auto;
+  // The warpgroup kernel: sm_90 (setup.py builds every 9.0 target as sm_90a), grid within one dimension.
+  const bool wg_ok = mma_ok && at::cuda::getCurrentDeviceProperties()->major == 9 &&
+                     ceil_div(a.N, 128) * ceil_div(a.M, 64) < (int64_t{1} << 31) && a.M < (int64_t{1} << 31) &&
+                     a.K < (int64_t{1} << 31);
+  if (path == Path::Warpgroup && !wg_ok) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
     if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
+    else if (wg_ok && a.M <= kWgMaxM && ceil_div(a.N, 128) * ceil_div(a.M, a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256) * 2 >= sm_count())
+      path = Path::Warpgroup;
     else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
              ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
       path = Path::TensorCore;
@@ -822,6 +1073,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
     using T = decltype(tag);
     if (path == Path::Skinny) {
       launch_skinny<T>(p, a.blocksize, stream);
+    } else if (path == Path::Warpgroup) {
+      const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
+      const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
+      const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : (a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256);
+      if (bn <= 64) launch_wg<T, 64>(p, uniform, stream);
+      else if (bn <= 128) launch_wg<T, 128>(p, uniform, stream);
+      else launch_wg<T, 256>(p, uniform, stream);
     } else if (a.M <= 128) {
       launch_tc<T, 64>(p, stream);
     } else {
