@@ -617,14 +617,14 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
 template <int BN>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
-  static constexpr int kStages = BN == 64 ? 6 : (BN == 128 ? 5 : 4);
+  static constexpr int kStages = BN == 64 ? 6 : 5;
   static constexpr int kAStage = BN * 128;
   static constexpr int kWStage = kRows * 32;
   static constexpr int kWOff = kStages * kAStage;
   static constexpr int kTabOff = kWOff + kStages * kWStage;
   static constexpr int kCode8Off = kTabOff + mma::kPairTableBytes;
   static constexpr int kBarOff = kCode8Off + 1024;
-  static constexpr int kSmem = kBarOff + 8 * kStages + 1024;  // + room to align the base to 1024
+  static constexpr int kSmem = kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
@@ -635,7 +635,8 @@ struct WgCfg {
 // UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
 template <typename T, int BN, bool UNIFORM, bool NESTED>
 __global__ void __launch_bounds__(256, 1)
-    gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const int m_tiles, const int n_tiles) {
+    gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                    const int m_tiles, const int n_tiles) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
   constexpr int S = C::kStages;
@@ -644,11 +645,18 @@ __global__ void __launch_bounds__(256, 1)
   uint8_t* smem = smem_raw + ((1024u - (mma::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem + C::kTabOff);
   float* code8 = reinterpret_cast<float*>(smem + C::kCode8Off);
-  const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);  // full[s]: tile of slot s landed
+  // full[s] (bar0 + 8 s): the tile in slot s landed (one arrival, the producer's, plus the copies'
+  // bytes); empty[s] (bar0 + 8 (S + s)): all 8 warps are done with it (their wgmma group included).
+  const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);
+  auto full_bar = [&](int s) { return bar0 + 8u * s; };
+  auto empty_bar = [&](int s) { return bar0 + 8u * (S + s); };
   mma::build_pair_table<T>(tab, p.code);
   const float off = stage_nested(p.absmax, code8);
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) wg::mbar_init(bar0 + 8 * s, 1);
+    for (int s = 0; s < S; ++s) {
+      wg::mbar_init(full_bar(s), 1);
+      wg::mbar_init(empty_bar(s), C::kThreads / 32);
+    }
     wg::mbar_init_fence();
   }
   __syncthreads();
@@ -665,46 +673,46 @@ __global__ void __launch_bounds__(256, 1)
   const int KT = static_cast<int>((K + C::kBK - 1) / C::kBK);
   const uint32_t a_base = mma::smem_addr(smem), w_base = a_base + C::kWOff;
 
-  // Copies: the activation tile by TMA (thread 0; rows past M and k past K arrive as zeros, the
-  // 128-byte swizzle applied by the copy engine), completing on full[slot]; packed W by cp.async,
-  // row tid / 2, bytes 16 (tid % 2) .. + 15 of the tile's 32, 0 past N or K.
-  const bool wok = n0 + (tid >> 1) < N;
-  const uint8_t* wsrc = p.packed + (std::min<int64_t>(n0 + (tid >> 1), N - 1) * K) / 2 + 16 * (tid & 1);
-  const uint32_t wdst = w_base + tid * 16;
-  auto issue = [&](int kt, int slot) {
+  // Copies (thread 0, the producer): the activation tile and the packed-W tile by TMA into slot
+  // kt % S, both completing on full[slot]; rows past M or N and k past K arrive as zeros, the
+  // activations with the 128-byte swizzle the descriptor expects. A slot is refilled once all warps
+  // released its previous tile (empty[slot]); no block-wide barrier in the loop.
+  uint32_t empty_phases = 0;  // producer: bit s = parity of empty[s]'s next completion
+  auto produce = [&](int kt, int slot) {
     if (kt < KT) {
-      const int64_t k0 = static_cast<int64_t>(kt) * C::kBK;
-      if (tid == 0) {
-        wg::mbar_expect_tx(bar0 + 8 * slot, C::kAStage);
-        wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, static_cast<int>(k0), static_cast<int>(m0), bar0 + 8 * slot);
+      if (kt >= S) {
+        wg::mbar_wait(empty_bar(slot), (empty_phases >> slot) & 1u);
+        empty_phases ^= 1u << slot;
       }
-      const bool ok = wok && k0 + 32 * (tid & 1) < K;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(wdst + slot * C::kWStage),
-                   "l"(ok ? wsrc + k0 / 2 : p.packed), "r"(ok ? 16 : 0)
-                   : "memory");
+      wg::mbar_expect_tx(full_bar(slot), C::kAStage + C::kWStage);
+      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, kt * C::kBK, static_cast<int>(m0), full_bar(slot));
+      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, kt * (C::kBK / 2), static_cast<int>(n0), full_bar(slot));
     }
-    mma::cp_async_commit();
   };
 
-  // Scales of this lane's rows, raw values loaded a tile ahead.
+  // Scales of this lane's rows, raw values loaded kLookahead tiles ahead (in as many register sets:
+  // a tile's step is short next to a DRAM round trip). Indices in 32-wide units of the flattened
+  // weight (K % 32 == 0, blocksize >= 32; the host keeps N * K / 32 below 2^32): unit u of a row
+  // starting at unit base lies in block (base + u) >> (log2(blocksize) - 5).
   const int wrow = 64 * (warp >> 2) + 16 * (warp & 3) + g;  // row h = 0 within the block's 128
-  int64_t erow[2];
+  uint32_t ubase[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) erow[h] = std::min<int64_t>(n0 + wrow + 8 * h, N - 1) * K;
-  // (kLookahead tiles ahead, in as many register sets: a tile's steps are short next to a DRAM
-  // round trip.)
+  for (int h = 0; h < 2; ++h) {
+    ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0 + wrow + 8 * h, N - 1) * K) >> 5);
+    asm volatile("" : "+r"(ubase[h]));  // kept in a register, not recomputed from 64-bit math every step
+  }
+  const int ushift = p.bs_shift - 5, KU = static_cast<int>(K >> 5);
   constexpr int LA = C::kLookahead;
   uint32_t qv[LA][NS];
   float vv[LA][NS];
   auto raw = [&](int kt, uint32_t (&q)[NS], float (&v)[NS]) {
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      const int h = UNIFORM ? j : (j >> 1), half = UNIFORM ? 0 : (j & 1);
-      const int64_t k = static_cast<int64_t>(kt) * C::kBK + 32 * half;
+      const int h = UNIFORM ? j : (j >> 1), u = 2 * kt + (UNIFORM ? 0 : (j & 1));
       q[j] = 0u;
       v[j] = 0.0f;
-      if (kt < KT && k < K) {
-        const int64_t b = (erow[h] + k) >> p.bs_shift;
+      if (u < KU) {
+        const uint32_t b = (ubase[h] + static_cast<uint32_t>(u)) >> ushift;
         if constexpr (NESTED) {
           q[j] = __ldg(p.absmax.absmax_u8 + b);
           v[j] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
@@ -758,23 +766,24 @@ __global__ void __launch_bounds__(256, 1)
   };
 
   uint32_t af0[4][4], af1[4][4];
-  int rd_slot = 0, wr_slot = S - 2;
+  int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
   uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
-#pragma unroll
-  for (int s = 0; s < S - 2; ++s) issue(s, s);
+  if (tid == 0) {
+    for (int s = 0; s < S - 2; ++s) produce(s, s);
+  }
 #pragma unroll
   for (int i = 0; i < LA; ++i) raw(i, qv[i], vv[i]);
   auto step = [&](int kt, uint32_t (&af)[4][4], uint32_t (&q)[NS], float (&v)[NS]) {
-    mma::cp_async_wait<S - 3>();  // packed W of tile kt is in (this thread's copies) ...
-    __syncthreads();              // ... everyone's; and every warp is past the wait for group kt - 2
-    issue(kt + S - 2, wr_slot);   // into tile kt - 2's slot
+    if (tid == 0) produce(kt + S - 2, wr_slot);  // into tile kt - 2's slot, once released
     finish(q, v);
     raw(kt + LA, q, v);
-    decode(rd_slot, af);
-    wg::mbar_wait(bar0 + 8 * rd_slot, (phases >> rd_slot) & 1u);  // the activations of tile kt
+    wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // tile kt landed
     phases ^= 1u << rd_slot;
+    decode(rd_slot, af);
     compute(rd_slot, af);
-    wg::wait<1>();  // group kt - 1 done: its A registers and slot are free
+    wg::wait<1>();  // group kt - 1 done: its A registers are free and the warp is done with its slot
+    if (kt > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+    prev_slot = rd_slot;
     rd_slot = rd_slot + 1 == S ? 0 : rd_slot + 1;
     wr_slot = wr_slot + 1 == S ? 0 : wr_slot + 1;
   };
@@ -792,7 +801,6 @@ __global__ void __launch_bounds__(256, 1)
   wg::wait<0>();
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-  mma::cp_async_wait<0>();
 
   // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
 #pragma unroll
@@ -869,17 +877,20 @@ Path path_override() {
 }
 
 // Dispatch, from medians measured on an H200 (torch 2.11, fp16 and bf16, all four benchmark layers;
-// benchmarks/results/h200/matmul.md and the --tune sweeps of the same session):
-//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.061/0.068/0.088/0.112 ms vs cuBLAS fp16
-//                ~0.126 ms (2.07x/1.86x/1.44x/1.14x); the tensor-core kernel takes 0.214 ms at 32.
-//   33..64       tensor-core kernel: 0.214 ms at M=64 vs ~0.30 ms for dequantize + cuBLAS (two
-//                skinny slices ~0.22 ms), when it has at least half a block per SM; with fewer
-//                (N = 4096: 32 blocks) dequantize + cuBLAS (0.032 ms at M=128 on 4096x4096).
-//   > 64         dequantize + cuBLAS: 0.305 ms at M=128 vs 0.41 ms for the tensor-core kernel; from
-//                256 on the gap grows (0.37 vs 0.76 ms at 256; 3.06 vs 11.4 ms at 4096).
-// Beyond M = 32 none beats cuBLAS fp16 yet (0.45x-0.96x), though all beat bitsandbytes: see the results.
+// benchmarks/results/h200/matmul.md and the probe logs next to it, fifth session):
+//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.055/0.060/0.077/0.103 ms vs cuBLAS fp16
+//                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes 0.12 ms at 16 and 32.
+//   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
+//                M=64/128/256/512: 0.120/0.151/0.227/0.444 ms vs 0.280/0.291/0.357/0.525 ms for
+//                dequantize + cuBLAS (the tensor-core kernel: 0.214 ms at 64, 0.41 at 128). With
+//                fewer blocks (N = 4096: 32 row tiles) dequantize + cuBLAS (4096x4096 at M=128: 0.031
+//                vs 0.043 ms).
+//   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.767 vs 0.823 ms), else
+//                dequantize + cuBLAS (4096x14336 at 1024: 0.211 vs 0.234 ms).
+//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.11 vs 3.52 ms for the warpgroup kernel).
+//   33..64 without sm_90: the mma.sync tensor-core kernel as before (0.214 ms at M=64).
 constexpr int64_t kSkinnyAutoMaxM = 32;
-constexpr int64_t kWgMaxM = 512;
+constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 1024, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {
@@ -965,8 +976,11 @@ void launch_tc(const GemmParams& p, cudaStream_t stream) {
 
 // The TMA descriptor of A [M, K] (T, row-major): boxes of BN rows x 64 k, 128-byte swizzle, zeros
 // out of bounds. cuTensorMapEncodeTiled comes from the driver through the runtime (no -lcuda).
-template <typename T>
-CUtensorMap activation_map(const GemmParams& p, int box_rows) {
+// 2-D TMA descriptors (cuTensorMapEncodeTiled, from the driver through the runtime: no -lcuda):
+// activations A [M, K] of T in boxes of box_rows x 64 k with the 128-byte swizzle; packed W [N, K / 2]
+// bytes in boxes of 128 rows x 32 bytes. Zeros out of bounds.
+CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, uint64_t inner, uint64_t rows, uint64_t row_bytes,
+                          uint32_t box_inner, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -975,13 +989,12 @@ CUtensorMap activation_map(const GemmParams& p, int box_rows) {
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.K), static_cast<cuuint64_t>(p.M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.K) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint64_t dims[2] = {inner, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_rows};
   const cuuint32_t elem[2] = {1, 1};
-  const CUresult r = encode(&map, std::is_same_v<T, at::Half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                            2, const_cast<uint8_t*>(p.A), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "gemm_4bit: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
   return map;
 }
@@ -991,11 +1004,15 @@ void launch_wg(const GemmParams& p, bool uniform, cudaStream_t stream) {
   using C = WgCfg<BN>;
   const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
   const bool nested = p.absmax.absmax_f32 == nullptr;
-  const CUtensorMap a_map = activation_map<T>(p, BN);
+  const CUtensorMap a_map = tensor_map_2d(
+      p.A, std::is_same_v<T, at::Half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, p.K, p.M,
+      p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
+                                          C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   auto go = [&](auto kernel) {
     allow_smem(kernel, C::kSmem);
     kernel<<<static_cast<unsigned>(m_tiles * n_tiles), C::kThreads, C::kSmem, stream>>>(
-        p, a_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles));
+        p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles));
     NF4KIT_LAUNCH_CHECK();
   };
   if (uniform) {
@@ -1041,12 +1058,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   // The warpgroup kernel: sm_90 (setup.py builds every 9.0 target as sm_90a), grid within one dimension.
   const bool wg_ok = mma_ok && at::cuda::getCurrentDeviceProperties()->major == 9 &&
                      ceil_div(a.N, 128) * ceil_div(a.M, 64) < (int64_t{1} << 31) && a.M < (int64_t{1} << 31) &&
-                     a.K < (int64_t{1} << 31);
+                     a.K < (int64_t{1} << 31) && a.N * a.K < (int64_t{1} << 37);
   if (path == Path::Warpgroup && !wg_ok) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
     if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
-    else if (wg_ok && a.M <= kWgMaxM && ceil_div(a.N, 128) * ceil_div(a.M, a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256) * 2 >= sm_count())
+    else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
+             ceil_div(a.N, 128) * ceil_div(a.M, a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256) * 2 >= sm_count())
       path = Path::Warpgroup;
     else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
              ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
