@@ -180,7 +180,7 @@ def test_cuda_kernels_forced(path, dtype):
     # whole 512-wide stages and 32-row tiles (the skinny kernel's kSkinnyWhole mode at bs >= 64)
     shapes += [(3, 96, 1024), (20, 32, 512), (9, 64, 1536)]
     if path in ("skinny", "tc", "wg", "generic", "dequant"):  # skinny: the batch in slices of 32
-        shapes += [(33, 129, 224), (64, 130, 64), (130, 72, 320), (256, 300, 4096)]
+        shapes += [(33, 129, 224), (64, 130, 64), (100, 200, 320), (130, 72, 320), (256, 300, 4096)]
     for i, (M, N, K) in enumerate(shapes):
         for bs, nested, qt in ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4")):
             B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=i)

@@ -1,14 +1,16 @@
 // CUDA kernels of gemm_4bit: out[M, N] = A[M, K] @ W[N, K]^T (+ bias), W in bitsandbytes' packed
 // 4-bit format (NF4 / FP4, any blocksize, float32 or nested absmax decoded in registers).
 //
-// Three kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
-// measurements behind it, is at kTcMaxM):
+// Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
+// measurements behind it, is at kSkinnyAutoMaxM):
 //  * skinny (M <= 32, fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
 //    block owns 32 rows of W and its 8 warps take turns over K; packed W reaches shared memory by
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
-//  * tensor-core GEMM (32 < M <= kTcMaxM): 128 x BM tiles, BK = 64, multi-stage cp.async of
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 1024 for K >= 8192): wgmma with W decoded straight
+//    into the A registers, activations and packed W by TMA, mbarriers (gemm_4bit_wgmma.cuh).
+//  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.
 //  * generic (any K, any dtype incl. float32, small M): one warp per output feature, element by
@@ -877,18 +879,18 @@ Path path_override() {
 }
 
 // Dispatch, from medians measured on an H200 (torch 2.11, fp16 and bf16, all four benchmark layers;
-// benchmarks/results/h200/matmul.md and the probe logs next to it, fifth session):
-//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.055/0.060/0.077/0.103 ms vs cuBLAS fp16
-//                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes 0.12 ms at 16 and 32.
+// benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
+//   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
+//                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
-//                M=64/128/256/512: 0.120/0.151/0.227/0.444 ms vs 0.280/0.291/0.357/0.525 ms for
-//                dequantize + cuBLAS (the tensor-core kernel: 0.214 ms at 64, 0.41 at 128). With
-//                fewer blocks (N = 4096: 32 row tiles) dequantize + cuBLAS (4096x4096 at M=128: 0.031
-//                vs 0.043 ms).
-//   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.767 vs 0.823 ms), else
-//                dequantize + cuBLAS (4096x14336 at 1024: 0.211 vs 0.234 ms).
-//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.11 vs 3.52 ms for the warpgroup kernel).
-//   33..64 without sm_90: the mma.sync tensor-core kernel as before (0.214 ms at M=64).
+//                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
+//                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
+//                With fewer blocks (N = 4096: 32 row tiles) dequantize + cuBLAS (4096x4096 at M=128:
+//                0.031 vs 0.043 ms).
+//   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
+//                0.190 vs 0.204), else dequantize + cuBLAS (4096x14336 at 1024: 0.205 vs 0.220 ms).
+//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel).
+//   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 1024, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;

@@ -1,16 +1,16 @@
-// Warpgroup (wgmma, sm_90a) kernel of the fused 4-bit matmul (csrc/cuda/gemm_4bit.cu), for batches
-// past the skinny kernel's: out[M, N] = A[M, K] @ W[N, K]^T with W decoded in registers.
+// Warpgroup (wgmma, sm_90a) building blocks of the fused 4-bit matmul's warpgroup kernel
+// (gemm4_wg_kernel in csrc/cuda/gemm_4bit.cu, batches past the skinny kernel's): mbarriers, 2-D TMA
+// loads, the K-major 128-byte-swizzle matrix descriptor and m64nNk16 wgmma with A from registers.
 //
-// W is wgmma's A operand, taken from registers: each warp decodes its 16 rows of a 64-wide k tile
-// straight into the m64nNk16 A fragments (the layout of mma.sync m16n8k16's A, one warp per 16
-// rows) through the per-lane byte -> pair table, scaled by the block's absmax; the activations are
-// the B operand, BN batch rows x 64 k per tile in shared memory (K-major, 128-byte swizzle), read
-// by the tensor cores through a matrix descriptor. No decoded W ever reaches shared memory.
-// Block: 2 warpgroups x 64 W rows = 128 rows, BN batch rows; k tiles of 64 through an S-stage
-// cp.async ring (activations and packed W). Per tile: one barrier, the copies of tile kt + S - 2,
-// the decode of tile kt (overlapping the tensor cores' work on tile kt - 1), four wgmma (k16 each)
-// committed as one group, then a wait for the previous group, which frees its A registers and
-// ring slot.
+// The kernel: W is wgmma's A operand, taken from registers: each warp decodes its 16 rows of a
+// 64-wide k tile straight into the A fragments (the layout of mma.sync m16n8k16's A, one warp per
+// 16 rows) through the per-lane byte -> pair table, scaled by the block's absmax; the activations
+// are the B operand, BN batch rows x 64 k per tile in shared memory (K-major, 128-byte swizzle)
+// read by the tensor cores through a descriptor. No decoded W ever reaches shared memory. Block: 2
+// warpgroups x 64 W rows, BN batch rows; thread 0 loads each tile (activations and packed W) by TMA
+// into an S-slot ring, full/empty mbarriers per slot; per tile each warp waits for its tile,
+// decodes (overlapping the tensor cores' work on the previous tile), issues four wgmma (k16 each)
+// as one group, waits for the previous group and releases that tile's slot.
 #pragma once
 
 #include <cstdint>
