@@ -103,6 +103,13 @@ __device__ __forceinline__ uint32_t lookup(uint32_t tab_lane, uint32_t w, int b)
   asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab_lane + (v << 7)));
   return r;
 }
+// The same table, with the byte picked at run time: sel = 0x5504 | (byte << 4) puts byte `byte` of w
+// next to lane8 = 8 l in a PRMT, which is v * 256 + 8 l, half of it the entry's offset.
+__device__ __forceinline__ uint32_t lookup_sel(uint32_t tab, uint32_t lane8, uint32_t sel, uint32_t w) {
+  uint32_t r;
+  asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab + (__byte_perm(w, lane8, sel) >> 1)));
+  return r;
+}
 // This lane's view of the table as one opaque register (otherwise the compiler splits the
 // window base back out and spends an extra add on every lookup).
 __device__ __forceinline__ uint32_t lane_table(const void* table, int lane) {
@@ -730,13 +737,9 @@ __global__ void __launch_bounds__(256, 1)
     for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[q[j]], v[j], off) : v[j]);
   };
 
-  // Decode: entry v of lane l of the pair table at byte v * 128 + 4 l = (PRMT of byte c next to 8 l) / 2.
+  // Decode: lane c takes byte c of each packed word from the pair table (lookup_sel).
   const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
-  auto look = [&](uint32_t w) {
-    uint32_t r;
-    asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab_base + (__byte_perm(w, lane8, sel) >> 1)));
-    return r;
-  };
+  auto look = [&](uint32_t w) { return lookup_sel(tab_base, lane8, sel, w); };
   const uint32_t w_rd = w_base + wrow * 32;
   auto decode = [&](int slot, uint32_t (&a)[4][4]) {
     uint4 w[2][2];
@@ -810,7 +813,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) store_out<T>(p, m0 + 8 * j + 2 * c + (e & 1), n0 + wrow + 8 * (e >> 1), acc[4 * j + e]);
 #else
-  __trap();  // built without sm_90a code: the host never launches it (wg_supported)
+  __trap();  // built without sm_90a code: the host launches it only on sm_90 (wg_ok)
 #endif
 }
 
