@@ -319,7 +319,6 @@ if __name__ == "__main__":
     elif args.sanitize:
         sanitize()
     elif args.tune:
-        import torch
         with torch.inference_mode():  # no autograd bookkeeping in the timed calls
             tune(sweep_paths=os.environ.get("TUNE_PATHS", "1") == "1")
             tune(4096, 4096, sweep_paths=False)

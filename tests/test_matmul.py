@@ -179,8 +179,8 @@ def test_cuda_kernels_forced(path, dtype):
     shapes = [(1, 1, 32), (3, 33, 96), (8, 31, 4128), (17, 257, 160), (32, 64, 8192), (5, 1000, 2048)]
     # whole 512-wide stages and 32-row tiles (the skinny kernel's kSkinnyWhole mode at bs >= 64)
     shapes += [(3, 96, 1024), (20, 32, 512), (9, 64, 1536)]
-    if path in ("skinny", "tc", "wg", "generic", "dequant"):  # skinny: the batch in slices of 32
-        shapes += [(33, 129, 224), (64, 130, 64), (100, 200, 320), (130, 72, 320), (256, 300, 4096)]
+    # past 32 rows (skinny: the batch in slices of 32; wg: batch tiles 64, 128, 256)
+    shapes += [(33, 129, 224), (64, 130, 64), (100, 200, 320), (130, 72, 320), (256, 300, 4096)]
     for i, (M, N, K) in enumerate(shapes):
         for bs, nested, qt in ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4")):
             B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=i)
