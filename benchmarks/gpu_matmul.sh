@@ -5,7 +5,8 @@
 # Everything lands in $OUT: build.log, tests.log, sanitizer_matmul.log, tune.log, bench.log,
 # matmul.{md,json}. Run from the repository root with .bnb (bitsandbytes 0.50.2 + CUDA library)
 # and .whl (pytest wheels, installed only if the device lacks pytest) carried.
-#   STEPS="build tests sanitize tune bench" (default: all), BENCH_ARGS="--layers 8192x28672"
+#   STEPS="build tests sanitize probe tune bench ncu" (default: build tests tune bench sanitize),
+#   BENCH_ARGS="--layers 8192x28672", PROBE="python3 benchmarks/probes/stream.py"
 set -o pipefail
 source benchmarks/gpu_env.sh
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
@@ -39,7 +40,7 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 print(f"dequantize_4bit probe rc={r.returncode}", r.stdout.strip(), r.stderr.strip()[-400:])
 PY
   # groups in separate processes, so that a crash in one leaves the others' results
-  for group in "reference or batch or one_output or gemv or non_contiguous or empty" "forced or cpu_op" \
+  for group in "reference or batch or one_output or gemv or non_contiguous or empty" "forced or cpu_op or skinny_fp4" \
                "bad_inputs or bitsandbytes" "opcheck" "autograd"; do
     echo "=== -k '$group' ===" >> "$OUT/tests.log"
     timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_matmul.py -q -rs --maxfail=20 -p no:cacheprovider \
@@ -48,6 +49,11 @@ PY
   done
   grep -E "probe|passed|failed|error" "$OUT/tests.log" | tail -6
   grep -E "^(FAILED|ERROR)|Error:|Fatal|assert " "$OUT/tests.log" | head -30
+fi
+
+if has probe; then  # PROBE="python3 benchmarks/probes/stream.py" (any command; its output to probe.log)
+  timeout ${PROBE_TIMEOUT:-200} bash -c "$PROBE" 2>&1 | tee "$OUT/probe.log"
+  stamp "probe done"
 fi
 
 if has tune; then
@@ -64,7 +70,7 @@ fi
 if has ncu; then
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   for prof in ${PROFILES:-skinny,1 skinny,8 tc,64}; do
-    kname=$([[ $prof == tc* ]] && echo gemm4_tc || echo gemm4_${prof%%,*})
+    kname=${KNAME:-$([[ $prof == tc* ]] && echo gemm4_tc || echo gemm4_${prof%%,*})}
     echo "=== ncu $prof ===" >> "$OUT/ncu.log"
     timeout 90 "$NCU" --clock-control none --kernel-name regex:$kname --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \

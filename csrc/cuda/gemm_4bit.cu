@@ -51,6 +51,12 @@ struct GemmParams {
   int64_t M, N, K;
   int bs_shift;            // log2(blocksize)
   float code[16];          // decode values (FP4's -0.0 as +0.0)
+  // The skinny kernel's folded path (FOLD) holds code * code_mul in its table and divides the scales
+  // by it: FP4's codes times 6 are 0, 1/32, 1, 1.5, 2, 3, 4, 6, exact in fp16/bf16, while its codes
+  // themselves (2/3, 1/3, 1/6, 1/192) all round one way (down in fp16, up in bf16), a bias of every
+  // product that the float32 reference does not have and that no per-weight rounding averages out
+  // when the scale multiplies a whole group's sum. 1 for NF4.
+  float code_mul;
 };
 
 // An absmax in two halves, so that its loads can be issued one step before it is needed.
@@ -172,11 +178,11 @@ __host__ __device__ constexpr uint32_t ring_offset(int row, int half, int slot, 
 inline size_t skinny_smem_bytes() { return kSkinnyScaleOffset + kSkinnyScaleBytes; }
 
 template <typename T>
-__device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&code)[16]) {
-  // Row v: lanes 0..31 hold the same pair; 8 16-byte stores per row, the rest of the row unused.
+__device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&code)[16], float mul) {
+  // Row v: lanes 0..31 hold the same pair (times mul); 8 16-byte stores per row, the rest of the row unused.
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
     const int v = i >> 3;
-    const uint32_t pr = pack2<T>(code[v >> 4], code[v & 15]);
+    const uint32_t pr = pack2<T>(code[v >> 4] * mul, code[v & 15] * mul);
     *reinterpret_cast<uint4*>(smem + v * 256 + (i & 7) * 16) = make_uint4(pr, pr, pr, pr);
   }
 }
@@ -195,7 +201,8 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 // K % 512 == 0 and N % 32 == 0: whole stages and tiles, so the copies, scales and activation loads
 // need no bounds checks, ~10% of the loop's instructions).
 template <typename T, int NT, int MODE, bool NESTED, bool ZB>
-__device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off) {
+__device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off,
+                                            const float inv_mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
   constexpr int S = kSkinnyStages;
@@ -299,7 +306,8 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   auto finish = [&](int buf) {
 #pragma unroll
     for (int i = 0; i < EPT; ++i)
-      sct[buf * kSkinnyRows * US + eo[i]] = !okv[i] ? 0.0f : nested ? nested_absmax_value(code8[qv[i]], vv[i], off) : vv[i];
+      sct[buf * kSkinnyRows * US + eo[i]] =
+          !okv[i] ? 0.0f : (nested ? nested_absmax_value(code8[qv[i]], vv[i], off) : vv[i]) * inv_mul;
   };
   // The lane's entries: rows 16 (r / 2) + 8 (r % 2) + g, unit w (UNIFORM) or 4 w + c.
   int sco[4];
@@ -445,16 +453,18 @@ template <typename T, int NT, int MODE>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
-  build_wide_table<T>(smem, p.code);
+  constexpr bool FOLD = MODE >= kSkinnyUniform && NT <= 2;  // as in skinny_main
+  const float mul = FOLD ? p.code_mul : 1.0f;
+  build_wide_table<T>(smem, p.code, mul);
   const float off = stage_nested(p.absmax, code8);
   __syncthreads();
   const bool nested = p.absmax.absmax_f32 == nullptr;
   if (mma::smem_addr(smem) == 0) {
-    if (nested) skinny_main<T, NT, MODE, true, true>(p, smem, code8, off);
-    else skinny_main<T, NT, MODE, false, true>(p, smem, code8, off);
+    if (nested) skinny_main<T, NT, MODE, true, true>(p, smem, code8, off, 1.0f / mul);
+    else skinny_main<T, NT, MODE, false, true>(p, smem, code8, off, 1.0f / mul);
   } else {
-    if (nested) skinny_main<T, NT, MODE, true, false>(p, smem, code8, off);
-    else skinny_main<T, NT, MODE, false, false>(p, smem, code8, off);
+    if (nested) skinny_main<T, NT, MODE, true, false>(p, smem, code8, off, 1.0f / mul);
+    else skinny_main<T, NT, MODE, false, false>(p, smem, code8, off, 1.0f / mul);
   }
 }
 
@@ -919,6 +929,7 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   p.bs_shift = __builtin_ctzll(static_cast<unsigned long long>(a.blocksize));
   const Code4Tables t = make_code4_tables(a.qt);
   for (int i = 0; i < 16; ++i) p.code[i] = t.decode[i];
+  p.code_mul = a.qt == QuantType::FP4 ? 6.0f : 1.0f;
   return p;
 }
 
