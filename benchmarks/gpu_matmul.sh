@@ -6,7 +6,7 @@
 # matmul.{md,json}. Run from the repository root with .bnb (bitsandbytes 0.50.2 + CUDA library)
 # and .whl (pytest wheels, installed only if the device lacks pytest) carried.
 #   STEPS="build tests sanitize probe tune bench ncu" (default: build tests tune bench sanitize),
-#   BENCH_ARGS="--layers 8192x28672", PROBE="python3 benchmarks/probes/stream.py"
+#   BENCH_ARGS="--layers 8192x28672", PROBE="python3 benchmarks/probes/wg_tiles.py"
 set -o pipefail
 source benchmarks/gpu_env.sh
 export NF4KIT_CUDA_SOURCES=${NF4KIT_CUDA_SOURCES:-gemm_4bit.cu,dequantize_4bit.cu}
@@ -51,7 +51,7 @@ PY
   grep -E "^(FAILED|ERROR)|Error:|Fatal|assert " "$OUT/tests.log" | head -30
 fi
 
-if has probe; then  # PROBE="python3 benchmarks/probes/stream.py" (any command; its output to probe.log)
+if has probe; then  # PROBE: any command (a benchmarks/probes/ script); its output to probe.log
   timeout ${PROBE_TIMEOUT:-200} bash -c "$PROBE" 2>&1 | tee "$OUT/probe.log"
   stamp "probe done"
 fi

@@ -26,22 +26,17 @@ ops = torch.ops.nf4kit
 
 
 @contextmanager
-def env_var(name, value):
-    """Sets a development switch that csrc/cuda/gemm_4bit.cu reads on every call."""
-    old = os.environ.get(name)
-    os.environ[name] = value or ""
+def gemm_path(path):
+    """Force one CUDA kernel (csrc/cuda/gemm_4bit.cu reads NF4KIT_GEMM_PATH on every call)."""
+    old = os.environ.get("NF4KIT_GEMM_PATH")
+    os.environ["NF4KIT_GEMM_PATH"] = path or ""
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(name, None)
+            os.environ.pop("NF4KIT_GEMM_PATH", None)
         else:
-            os.environ[name] = old
-
-
-def gemm_path(path):
-    """Force one CUDA kernel (NF4KIT_GEMM_PATH)."""
-    return env_var("NF4KIT_GEMM_PATH", path)
+            os.environ["NF4KIT_GEMM_PATH"] = old
 
 
 def quantized(N, K, blocksize, quant_type, nested, device, dtype=torch.float16, seed=0):

@@ -200,11 +200,16 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 // MODE: kSkinnyAny (any blocksize, K % 32 == 0), kSkinnyUniform (UNIFORM, below), kSkinnyWhole (also
 // K % 512 == 0 and N % 32 == 0: whole stages and tiles, so the copies, scales and activation loads
 // need no bounds checks, ~10% of the loop's instructions).
+// Up to 16 rows (NT <= 2) with one absmax per 64-wide group, the absmax scales each group's float32
+// sums (below); at NT = 4 the folded kernel's accumulators would spill.
+template <int NT, int MODE>
+constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
+
 template <typename T, int NT, int MODE, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off,
                                             const float inv_mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
-  constexpr bool FOLD = UNIFORM && NT <= 2;  // at NT = 4 the folded kernel's accumulators would spill
+  constexpr bool FOLD = kSkinnyFold<NT, MODE>;
   constexpr int S = kSkinnyStages;
   constexpr int SK = kSkinnyStageK;
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -453,8 +458,7 @@ template <typename T, int NT, int MODE>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
-  constexpr bool FOLD = MODE >= kSkinnyUniform && NT <= 2;  // as in skinny_main
-  const float mul = FOLD ? p.code_mul : 1.0f;
+  const float mul = kSkinnyFold<NT, MODE> ? p.code_mul : 1.0f;
   build_wide_table<T>(smem, p.code, mul);
   const float off = stage_nested(p.absmax, code8);
   __syncthreads();
