@@ -994,8 +994,6 @@ void launch_tc(const GemmParams& p, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
-// The TMA descriptor of A [M, K] (T, row-major): boxes of BN rows x 64 k, 128-byte swizzle, zeros
-// out of bounds. cuTensorMapEncodeTiled comes from the driver through the runtime (no -lcuda).
 // 2-D TMA descriptors (cuTensorMapEncodeTiled, from the driver through the runtime: no -lcuda):
 // activations A [M, K] of T in boxes of box_rows x 64 k with the 128-byte swizzle; packed W [N, K / 2]
 // bytes in boxes of 128 rows x 32 bytes. Zeros out of bounds.
