@@ -245,7 +245,7 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
         rep = 40 if M >= 1024 else 100
         t_c = bench(lambda: TF.linear(A, W), rep)
         res = []
-        for path in ("skinny", "tc", "wg", "dequant"):
+        for path in ("skinny", "tc", "wg", "wgsk", "dequant"):
             if path in ("skinny", "tc") and M > 256:
                 continue
             with env(NF4KIT_GEMM_PATH=path):
@@ -276,6 +276,7 @@ def sanitize():
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
+             ("wgsk", 33, 129, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):

@@ -172,7 +172,7 @@ def test_empty_batch(device):
 # Every CUDA kernel forced, at odd shapes
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", ["skinny", "tc", "wg", "generic", "dequant"])
+@pytest.mark.parametrize("path", ["skinny", "tc", "wg", "wgsk", "generic", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernels_forced(path, dtype):
     # K % 32 == 0 for the mma kernels (others fall back to auto, still checked).
@@ -188,6 +188,23 @@ def test_cuda_kernels_forced(path, dtype):
             bias = activations((N,), dtype, "cuda", seed=i + 9) if i % 2 else None
             with gemm_path(path):
                 check_against_reference(A, B, qs, bias, f"{path} {dtype} M={M} N={N} K={K} bs={bs} {qt} n={nested}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wg_stream_k(dtype):
+    """The warpgroup kernel's stream-K grid (forced by wgsk on any K % 256 == 0): shares of 4 k tiles
+    cut across tiles, so a tile's sums come from many blocks (up to 32 here); the owner adds them in
+    block order, so two runs agree bit for bit, and the result is within the reference bound."""
+    for i, (M, N, K, bs, nested, qt) in enumerate(((70, 300, 2048, 64, True, "nf4"), (1, 129, 8192, 32, False, "fp4"),
+                                                  (257, 200, 768, 128, True, "fp4"), (16, 1000, 1024, 64, False, "nf4"))):
+        B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=20 + i)
+        A = activations((M, K), dtype, "cuda", seed=30 + i)
+        bias = activations((N,), dtype, "cuda", seed=40 + i) if i % 2 == 0 else None
+        with gemm_path("wgsk"):
+            ref = check_against_reference(A, B, qs, bias, f"wgsk {dtype} M={M} N={N} K={K}")
+            again = F.matmul_4bit(A, B.t(), qs, bias=bias)
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -9,7 +9,8 @@
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, or 1024 for K >= 8192): wgmma with W decoded straight
-//    into the A registers, activations and packed W by TMA, mbarriers (gemm_4bit_wgmma.cuh).
+//    into the A registers, activations and packed W by TMA, mbarriers (gemm_4bit_wgmma.cuh); one
+//    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.
@@ -652,14 +653,36 @@ struct WgCfg {
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
 
+// Stream-K (SK): with fewer tiles than a whole number of waves (8192x28672 at batch 128: 224 tiles
+// of 128 rows on 132 SMs, 1.7 waves, so 40 SMs idle half the time) a resident grid of G <= #SM blocks
+// takes even shares of all (tile, k tile) iterations, in units of 4 k tiles (KT % 4 == 0), and runs
+// one pipeline (copies, scales, decode, wgmma) through its whole share. A share is a run of segments:
+// a tile's tail (the first, if the share starts inside a tile), whole tiles, a tile's head (the
+// last). A whole tile is stored as always; a block whose share starts inside a tile stores that
+// segment's float32 sums in its slot of `partial` and raises its flag; the block holding the tile's
+// head (k tile 0) ends its share there, waits for the flags of the blocks after it that hold the
+// rest of the tile, adds their sums in block order (so the result is deterministic) and stores.
+// Those blocks reach their flag at the start of their shares, and the grid is resident, so the wait
+// is short and cannot deadlock. Without SK a block's share is one whole tile (blockIdx.x's).
+struct WgSplit {
+  float* partial = nullptr;  // [G][BN / 2][256] float32 (SK)
+  int* flags = nullptr;      // [G], zero at launch (SK)
+  int64_t units = 0;         // tiles * KT / 4 (SK)
+};
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Thread (warp w, lane 4 g + c) of the block: W rows 64 (w / 4) + 16 (w % 4) + g + 8 h (h = 0, 1),
 // which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
 // UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
-template <typename T, int BN, bool UNIFORM, bool NESTED>
+template <typename T, int BN, bool UNIFORM, bool NESTED, bool SK>
 __global__ void __launch_bounds__(256, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
-                    const int m_tiles, const int n_tiles) {
+                    const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN>;
   constexpr int S = C::kStages;
@@ -684,32 +707,66 @@ __global__ void __launch_bounds__(256, 1)
   }
   __syncthreads();
 
-  const int group = blockIdx.x / (C::kGroupM * n_tiles);
-  const int first_m = group * C::kGroupM;
-  const int gm = min(C::kGroupM, m_tiles - first_m);
-  const int local = blockIdx.x - group * C::kGroupM * n_tiles;
-  const int64_t m0 = static_cast<int64_t>(first_m + local % gm) * BN;
-  const int64_t n0 = static_cast<int64_t>(local / gm) * C::kRows;
-
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int64_t N = p.N, K = p.K;
   const int KT = static_cast<int>((K + C::kBK - 1) / C::kBK);
   const uint32_t a_base = mma::smem_addr(smem), w_base = a_base + C::kWOff;
+  // Tile t -> its batch rows m0 and W rows n0: groups of kGroupM batch tiles walk the W tiles
+  // together, so a W tile is read from DRAM once per group. Walk: the same order one tile at a
+  // time, with no division (the loop's cursors cross tiles with it).
+  struct Walk {
+    int first_m, gm, mi, ni;
+  };
+  auto walk_at = [&](int t) {
+    const int group = t / (C::kGroupM * n_tiles), first_m = group * C::kGroupM;
+    const int gm = min(C::kGroupM, m_tiles - first_m), local = t - group * C::kGroupM * n_tiles;
+    return Walk{first_m, gm, local % gm, local / gm};
+  };
+  auto walk_next = [&](Walk& w) {
+    if (++w.mi == w.gm) {
+      w.mi = 0;
+      if (++w.ni == n_tiles) {
+        w.ni = 0;
+        w.first_m += C::kGroupM;
+        w.gm = min(C::kGroupM, m_tiles - w.first_m);
+      }
+    }
+  };
+  auto m0_of = [&](const Walk& w) { return (w.first_m + w.mi) * BN; };
+  auto n0_of = [&](const Walk& w) { return w.ni * C::kRows; };
+  // This block's share: iterations [begin, begin + len) of tile * KT + k tile.
+  int64_t begin;
+  int len;
+  if constexpr (SK) {
+    const int64_t G = gridDim.x;
+    begin = 4 * (split.units * blockIdx.x / G);
+    len = static_cast<int>(4 * (split.units * (blockIdx.x + 1) / G) - begin);
+  } else {
+    begin = static_cast<int64_t>(blockIdx.x) * KT;
+    len = KT;
+  }
+  const int tile0 = static_cast<int>(begin / KT), kt0 = static_cast<int>(begin - static_cast<int64_t>(tile0) * KT);
 
   // Copies (thread 0, the producer): the activation tile and the packed-W tile by TMA into slot
-  // kt % S, both completing on full[slot]; rows past M or N and k past K arrive as zeros, the
+  // j % S, both completing on full[slot]; rows past M or N and k past K arrive as zeros, the
   // activations with the 128-byte swizzle the descriptor expects. A slot is refilled once all warps
   // released its previous tile (empty[slot]); no block-wide barrier in the loop.
   uint32_t empty_phases = 0;  // producer: bit s = parity of empty[s]'s next completion
-  auto produce = [&](int kt, int slot) {
-    if (kt < KT) {
-      if (kt >= S) {
+  Walk pw = walk_at(tile0);
+  int p_kt = kt0;
+  auto produce = [&](int j, int slot) {
+    if (j < len) {
+      if (j >= S) {
         wg::mbar_wait(empty_bar(slot), (empty_phases >> slot) & 1u);
         empty_phases ^= 1u << slot;
       }
       wg::mbar_expect_tx(full_bar(slot), C::kAStage + C::kWStage);
-      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, kt * C::kBK, static_cast<int>(m0), full_bar(slot));
-      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, kt * (C::kBK / 2), static_cast<int>(n0), full_bar(slot));
+      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, p_kt * C::kBK, m0_of(pw), full_bar(slot));
+      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pw), full_bar(slot));
+      if (++p_kt == KT && SK) {
+        p_kt = 0;
+        walk_next(pw);
+      }
     }
   };
 
@@ -719,28 +776,33 @@ __global__ void __launch_bounds__(256, 1)
   // starting at unit base lies in block (base + u) >> (log2(blocksize) - 5).
   const int wrow = 64 * (warp >> 2) + 16 * (warp & 3) + g;  // row h = 0 within the block's 128
   uint32_t ubase[2];
+  Walk rw = walk_at(tile0);
+  auto set_ubase = [&]() {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0 + wrow + 8 * h, N - 1) * K) >> 5);
-    asm volatile("" : "+r"(ubase[h]));  // kept in a register, not recomputed from 64-bit math every step
-  }
+    for (int h = 0; h < 2; ++h) {
+      ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0_of(rw) + wrow + 8 * h, N - 1) * K) >> 5);
+      asm volatile("" : "+r"(ubase[h]));  // kept in a register, not recomputed from 64-bit math every step
+    }
+  };
+  set_ubase();
   const int ushift = p.bs_shift - 5, KU = static_cast<int>(K >> 5);
   constexpr int LA = C::kLookahead;
   uint32_t qv[LA][NS];
   float vv[LA][NS];
-  auto raw = [&](int kt, uint32_t (&q)[NS], float (&v)[NS]) {
+  // Iteration j (k tile kt of the tile whose rows ubase holds); zeros past the share.
+  auto raw = [&](int j, int kt, uint32_t (&q)[NS], float (&v)[NS]) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      const int h = UNIFORM ? j : (j >> 1), u = 2 * kt + (UNIFORM ? 0 : (j & 1));
-      q[j] = 0u;
-      v[j] = 0.0f;
-      if (u < KU) {
+    for (int i = 0; i < NS; ++i) {
+      const int h = UNIFORM ? i : (i >> 1), u = 2 * kt + (UNIFORM ? 0 : (i & 1));
+      q[i] = 0u;
+      v[i] = 0.0f;
+      if (j < len && u < KU) {
         const uint32_t b = (ubase[h] + static_cast<uint32_t>(u)) >> ushift;
         if constexpr (NESTED) {
-          q[j] = __ldg(p.absmax.absmax_u8 + b);
-          v[j] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+          q[i] = __ldg(p.absmax.absmax_u8 + b);
+          v[i] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
         } else {
-          v[j] = __ldg(p.absmax.absmax_f32 + b);
+          v[i] = __ldg(p.absmax.absmax_f32 + b);
         }
       }
     }
@@ -784,6 +846,47 @@ __global__ void __launch_bounds__(256, 1)
     wg::commit();
   };
 
+  // The end of a segment of tile t: head = it began at k tile 0, tail = it ran to KT.
+  // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
+  auto segment_end = [&](int t, bool head, bool tail) {
+    wg::wait<0>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+    if (SK && !head) {  // the rest of a tile whose head another block holds: leave the sums to it
+      float* dst = split.partial + static_cast<int64_t>(blockIdx.x) * (BN / 2) * C::kThreads + tid;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) __stcg(dst + i * C::kThreads, acc[i]);
+      __syncthreads();
+      if (tid == 0) {
+        __threadfence();
+        atomicExch(split.flags + blockIdx.x, 1);
+      }
+    } else {
+      if (SK && !tail) {  // the head: add the sums of the blocks holding the rest, in block order
+        const int64_t G = gridDim.x, last_unit = (static_cast<int64_t>(t + 1) * KT) / 4 - 1;
+        const int last = static_cast<int>(((last_unit + 1) * G + split.units - 1) / split.units - 1);
+        for (int b = blockIdx.x + 1; b <= last; ++b) {
+          if (tid == 0) {
+            while (ld_acquire(split.flags + b) == 0) __nanosleep(100);
+          }
+          __syncthreads();
+          const float* src = split.partial + static_cast<int64_t>(b) * (BN / 2) * C::kThreads + tid;
+#pragma unroll
+          for (int i = 0; i < BN / 2; ++i) acc[i] += __ldcg(src + i * C::kThreads);
+        }
+      }
+      const Walk w = walk_at(t);
+      const int m0 = m0_of(w), n0 = n0_of(w);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          store_out<T>(p, m0 + 8 * j + 2 * c + (e & 1), n0 + wrow + 8 * (e >> 1), acc[4 * j + e]);
+    }
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  };
+
   uint32_t af0[4][4], af1[4][4];
   int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
   uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
@@ -791,41 +894,53 @@ __global__ void __launch_bounds__(256, 1)
     for (int s = 0; s < S - 2; ++s) produce(s, s);
   }
 #pragma unroll
-  for (int i = 0; i < LA; ++i) raw(i, qv[i], vv[i]);
-  auto step = [&](int kt, uint32_t (&af)[4][4], uint32_t (&q)[NS], float (&v)[NS]) {
-    if (tid == 0) produce(kt + S - 2, wr_slot);  // into tile kt - 2's slot, once released
+  for (int i = 0; i < LA; ++i) raw(i, kt0 + i, qv[i], vv[i]);
+  // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:
+  // groups never straddle tiles, so the cursor moves to the next tile only between groups).
+  int r_kt = kt0 + LA;
+  auto step = [&](int j, int kt_raw, uint32_t (&af)[4][4], uint32_t (&q)[NS], float (&v)[NS]) {
+    if (tid == 0) produce(j + S - 2, wr_slot);  // into iteration j - 2's slot, once released
     finish(q, v);
-    raw(kt + LA, q, v);
-    wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // tile kt landed
+    raw(j + LA, kt_raw, q, v);
+    wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
     phases ^= 1u << rd_slot;
     decode(rd_slot, af);
     compute(rd_slot, af);
-    wg::wait<1>();  // group kt - 1 done: its A registers are free and the warp is done with its slot
-    if (kt > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+    wg::wait<1>();  // group j - 1 done: its A registers are free and the warp is done with its slot
+    if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
     prev_slot = rd_slot;
     rd_slot = rd_slot + 1 == S ? 0 : rd_slot + 1;
     wr_slot = wr_slot + 1 == S ? 0 : wr_slot + 1;
   };
   static_assert(LA == 4, "the loop below is unrolled for 4 scale sets");
-  int kt = 0;
-  for (; kt + 3 < KT; kt += 4) {
-    step(kt, af0, qv[0], vv[0]);
-    step(kt + 1, af1, qv[1], vv[1]);
-    step(kt + 2, af0, qv[2], vv[2]);
-    step(kt + 3, af1, qv[3], vv[3]);
+  // SK: shares and tiles start at multiples of 4 k tiles, so segments end only between groups of 4.
+  int j = 0, seg_tile = tile0, c_kt = kt0;
+  bool seg_head = kt0 == 0;
+  for (; j + 3 < len; j += 4) {
+    if (SK && r_kt == KT) {
+      r_kt = 0;
+      walk_next(rw);
+      set_ubase();
+    }
+    step(j, r_kt, af0, qv[0], vv[0]);
+    step(j + 1, r_kt + 1, af1, qv[1], vv[1]);
+    step(j + 2, r_kt + 2, af0, qv[2], vv[2]);
+    step(j + 3, r_kt + 3, af1, qv[3], vv[3]);
+    r_kt += 4;
+    if constexpr (SK) {
+      c_kt += 4;
+      if (c_kt == KT && j + 4 < len) {
+        segment_end(seg_tile, seg_head, true);
+        ++seg_tile;
+        seg_head = true;
+        c_kt = 0;
+      }
+    }
   }
-  if (kt < KT) step(kt, af0, qv[0], vv[0]);
-  if (kt + 1 < KT) step(kt + 1, af1, qv[1], vv[1]);
-  if (kt + 2 < KT) step(kt + 2, af0, qv[2], vv[2]);
-  wg::wait<0>();
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-
-  // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) store_out<T>(p, m0 + 8 * j + 2 * c + (e & 1), n0 + wrow + 8 * (e >> 1), acc[4 * j + e]);
+  if (j < len) step(j, r_kt, af0, qv[0], vv[0]);
+  if (j + 1 < len) step(j + 1, r_kt + 1, af1, qv[1], vv[1]);
+  if (j + 2 < len) step(j + 2, r_kt + 2, af0, qv[2], vv[2]);
+  segment_end(seg_tile, seg_head, (begin + len) % KT == 0);
 #else
   __trap();  // built without sm_90a code: the host launches it only on sm_90 (wg_ok)
 #endif
@@ -883,13 +998,14 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm4_generic_kernel(const
 // =============================================================================================
 enum class Path { Auto, Skinny, TensorCore, Warpgroup, Dequant, Generic };
 
-// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|wg|dequant|generic.
+// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|wg|wgsk|dequant|generic
+// (wg: the warpgroup kernel one block per tile, wgsk: stream-K wherever it can run; see launch_wg).
 Path path_override() {
   const char* s = std::getenv("NF4KIT_GEMM_PATH");
   if (s == nullptr || *s == '\0') return Path::Auto;
   if (!std::strcmp(s, "skinny")) return Path::Skinny;
   if (!std::strcmp(s, "tc")) return Path::TensorCore;
-  if (!std::strcmp(s, "wg")) return Path::Warpgroup;
+  if (!std::strcmp(s, "wg") || !std::strcmp(s, "wgsk")) return Path::Warpgroup;
   if (!std::strcmp(s, "dequant")) return Path::Dequant;
   if (!std::strcmp(s, "generic")) return Path::Generic;
   return Path::Auto;
@@ -902,8 +1018,8 @@ Path path_override() {
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
-//                With fewer blocks (N = 4096: 32 row tiles) dequantize + cuBLAS (4096x4096 at M=128:
-//                0.031 vs 0.043 ms).
+//                With fewer blocks (N = 4096: 32 row tiles) stream-K where it measured faster
+//                (wg_stream_k_pays, seventh session), else dequantize + cuBLAS.
 //   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
 //                0.190 vs 0.204), else dequantize + cuBLAS (4096x14336 at 1024: 0.205 vs 0.220 ms).
 //   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel).
@@ -1017,11 +1133,46 @@ CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, uint64_t i
   return map;
 }
 
+int64_t wg_tile_n(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }  // the batch tile by batch
+int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, wg_tile_n(M)); }
+// Stream-K where it measured faster (H200, benchmarks/results/h200/wgsk_probe.log and the seventh
+// session's bench runs): only where whole tiles would keep fewer than half the SMs busy (shapes that
+// went to dequantize + cuBLAS before: N = 4096, 32-64 tiles), with shares of at least 16 k tiles
+// (BN 64, 128) or 48 (BN 256): 14336x4096 at batch 64/128/256/512 0.044/0.052/0.070/0.116 ms vs
+// 0.085/0.086/0.095/0.128 for dequantize + cuBLAS, the same in three runs. 4096x4096 (shares of
+// 15.5 k tiles at batch 64 and 128) measured 0.024, 0.030 and 0.036 ms at batch 64 in three runs
+// (dequantize + cuBLAS 0.026-0.036): too unsteady to choose, so it keeps dequantize + cuBLAS. With
+// more tiles stream-K was no faster (8192x28672 at batch 128: 0.155 vs 0.157 ms) or slower (at 64:
+// 0.126 vs 0.106 ms; 4096x14336, 112 tiles, at 64-512), a loss per k tile not understood yet.
+bool wg_stream_k_pays(int64_t M, int64_t N, int64_t K) {
+  const int64_t KT = ceil_div(K, 64), tiles = wg_tiles(M, N), sms = sm_count();
+  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (wg_tile_n(M) == 256 ? 48 : 16);
+}
+
+// Stream-K or one block per tile (wg_stream_k_pays); NF4KIT_GEMM_PATH=wgsk forces stream-K on any
+// shape it can take (K % 256 == 0; tiny shares, many blocks per tile, as the tests want), =wg forbids it.
 template <typename T, int BN>
-void launch_wg(const GemmParams& p, bool uniform, cudaStream_t stream) {
+void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t stream) {
   using C = WgCfg<BN>;
   const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
+  const int64_t tiles = m_tiles * n_tiles, KT = ceil_div(p.K, C::kBK), sms = sm_count();
   const bool nested = p.absmax.absmax_f32 == nullptr;
+  WgSplit split;
+  bool sk = false;
+  if (KT % 4 == 0 && split_mode != 0) {
+    split.units = tiles * KT / 4;
+    sk = split_mode > 0 || wg_stream_k_pays(p.M, p.N, p.K);
+  }
+  at::Tensor partial, flags;
+  int64_t grid = tiles;
+  if (sk) {
+    grid = std::min<int64_t>(sms, split.units);
+    const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
+    partial = at::empty({grid * (BN / 2) * C::kThreads}, opts.dtype(at::kFloat));
+    flags = at::zeros({grid}, opts.dtype(at::kInt));
+    split.partial = partial.data_ptr<float>();
+    split.flags = flags.data_ptr<int>();
+  }
   const CUtensorMap a_map = tensor_map_2d(
       p.A, std::is_same_v<T, at::Half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, p.K, p.M,
       p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
@@ -1029,17 +1180,22 @@ void launch_wg(const GemmParams& p, bool uniform, cudaStream_t stream) {
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   auto go = [&](auto kernel) {
     allow_smem(kernel, C::kSmem);
-    kernel<<<static_cast<unsigned>(m_tiles * n_tiles), C::kThreads, C::kSmem, stream>>>(
-        p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles));
+    kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmem, stream>>>(
+        p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
-  if (uniform) {
-    if (nested) go(&gemm4_wg_kernel<T, BN, true, true>);
-    else go(&gemm4_wg_kernel<T, BN, true, false>);
-  } else {
-    if (nested) go(&gemm4_wg_kernel<T, BN, false, true>);
-    else go(&gemm4_wg_kernel<T, BN, false, false>);
-  }
+  auto pick = [&](auto sk_tag) {
+    constexpr bool SK = decltype(sk_tag)::value;
+    if (uniform) {
+      if (nested) go(&gemm4_wg_kernel<T, BN, true, true, SK>);
+      else go(&gemm4_wg_kernel<T, BN, true, false, SK>);
+    } else {
+      if (nested) go(&gemm4_wg_kernel<T, BN, false, true, SK>);
+      else go(&gemm4_wg_kernel<T, BN, false, false, SK>);
+    }
+  };
+  if (sk) pick(std::true_type{});
+  else pick(std::false_type{});
 }
 
 template <typename T>
@@ -1076,13 +1232,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   // The warpgroup kernel: sm_90 (setup.py builds every 9.0 target as sm_90a), grid within one dimension.
   const bool wg_ok = mma_ok && at::cuda::getCurrentDeviceProperties()->major == 9 &&
                      ceil_div(a.N, 128) * ceil_div(a.M, 64) < (int64_t{1} << 31) && a.M < (int64_t{1} << 31) &&
-                     a.K < (int64_t{1} << 31) && a.N * a.K < (int64_t{1} << 37);
+                     a.K < (int64_t{1} << 31) && a.N < (int64_t{1} << 31) && a.N * a.K < (int64_t{1} << 37);
   if (path == Path::Warpgroup && !wg_ok) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
     if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
-             ceil_div(a.N, 128) * ceil_div(a.M, a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256) * 2 >= sm_count())
+             (wg_tiles(a.M, a.N) * 2 >= sm_count() || wg_stream_k_pays(a.M, a.N, a.K)))
       path = Path::Warpgroup;
     else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
              ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
@@ -1112,10 +1268,12 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
     } else if (path == Path::Warpgroup) {
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
-      const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : (a.M <= 64 ? 64 : a.M <= 128 ? 128 : 256);
-      if (bn <= 64) launch_wg<T, 64>(p, uniform, stream);
-      else if (bn <= 128) launch_wg<T, 128>(p, uniform, stream);
-      else launch_wg<T, 256>(p, uniform, stream);
+      const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
+      const char* forced = std::getenv("NF4KIT_GEMM_PATH");
+      const int split = forced == nullptr ? -1 : !std::strcmp(forced, "wgsk") ? 1 : !std::strcmp(forced, "wg") ? 0 : -1;
+      if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
+      else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);
+      else launch_wg<T, 256>(p, uniform, split, stream);
     } else if (a.M <= 128) {
       launch_tc<T, 64>(p, stream);
     } else {

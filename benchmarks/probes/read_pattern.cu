@@ -1,0 +1,161 @@
+// Standalone probe (no torch): how fast can the skinny kernel's memory pattern read an
+// 8192 x 28672 packed 4-bit weight (117 MB) with no decode at all? A block owns ROWS rows of W and
+// walks K in stages of ROWS x CHUNK bytes (8 KB), copied by cp.async (16 bytes per thread) into a
+// STAGES-deep ring; each stage: wait, block barrier, issue the stage STAGES - 1 ahead, read one
+// 16-byte word back (and, with SPIN, burn that many cycles per warp as a stand-in for the decode).
+// Dynamic shared memory is padded to the skinny kernel's 66.5 KB (3 blocks per SM) or as given.
+// Beside it: a read-only grid-stride LDG.128 kernel. Median of 30, L2 flushed before each.
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_pattern benchmarks/probes/read_pattern.cu && /tmp/read_pattern
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e_), __LINE__); exit(1);} } while (0)
+
+constexpr int64_t kN = 28672, kK = 8192, kRowBytes = kK / 2, kBytes = kN * kRowBytes;
+constexpr int kStageBytes = 8192;
+
+__device__ __forceinline__ void cp16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wait_groups() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <int ROWS, int STAGES, bool PAIR = false>
+__global__ void __launch_bounds__(256) tile_ring(const uint8_t* __restrict__ w, int spin, unsigned* sink) {
+  constexpr int CHUNK = kStageBytes / ROWS;       // bytes of each row per stage
+  constexpr int PER = kStageBytes / 16 / 256;     // 16-byte copies per thread per stage
+  constexpr int NST = kRowBytes / CHUNK;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int tid = threadIdx.x;
+  const uint8_t* src[PER];
+  uint32_t dst[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int id = tid + 256 * i, row = id / (CHUNK / 16), q = id % (CHUNK / 16);
+    src[i] = w + (static_cast<int64_t>(blockIdx.x) * ROWS + row) * kRowBytes + 16 * q;
+    dst[i] = base + 16 * id;
+  }
+  int issued = 0;
+  auto issue = [&]() {
+    if (issued < NST) {
+#pragma unroll
+      for (int i = 0; i < PER; ++i) cp16(dst[i] + (issued % STAGES) * kStageBytes, src[i] + issued * CHUNK);
+    }
+    commit();
+    ++issued;
+  };
+  unsigned acc = 0;
+  if constexpr (PAIR) {  // two stages per issue at even stages: 2 x CHUNK contiguous bytes of each row
+    issue(); issue();
+  } else {
+    for (int s = 0; s < STAGES - 1; ++s) issue();
+  }
+  for (int s = 0; s < NST; ++s) {
+    if constexpr (PAIR) {
+      // even s: stages s, s + 1 in flight (two groups); odd s: s only
+      if (s & 1) wait_groups<0>(); else wait_groups<1>();
+      __syncthreads();
+      if (!(s & 1)) { issue(); issue(); }
+    } else {
+      wait_groups<STAGES - 2>();
+      __syncthreads();
+      issue();
+    }
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + (s % STAGES) * kStageBytes + 16 * tid);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    if (spin > 0) {
+      const long long t0 = clock64();
+      while (clock64() - t0 < spin) acc += 1;
+    }
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+__global__ void __launch_bounds__(256) seq_read(const uint4* __restrict__ w, int64_t n16, unsigned* sink) {
+  unsigned acc = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    const uint4 a = __ldcs(w + i), b = __ldcs(w + i + stride), c = __ldcs(w + i + 2 * stride), d = __ldcs(w + i + 3 * stride);
+    acc ^= a.x ^ b.y ^ c.z ^ d.w ^ a.w ^ b.x ^ c.y ^ d.z;
+  }
+  for (; i < n16; i += stride) { const uint4 a = __ldcs(w + i); acc ^= a.x ^ a.w; }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("# benchmarks/probes/read_pattern.cu: %s, %d SMs; read 117 MB (8192x28672 packed); ms = median of 30, L2 flushed\n",
+         prop.name, prop.multiProcessorCount);
+  uint8_t* w; unsigned* sink; void* flush;
+  CK(cudaMalloc(&w, kBytes));
+  CK(cudaMalloc(&sink, 4));
+  CK(cudaMalloc(&flush, 256 << 20));
+  {
+    std::vector<uint8_t> h(kBytes);
+    uint32_t x = 12345;
+    for (auto& b : h) { x = x * 1664525u + 1013904223u; b = static_cast<uint8_t>(x >> 24); }
+    CK(cudaMemcpy(w, h.data(), kBytes, cudaMemcpyHostToDevice));
+  }
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  auto timeit = [&](const char* name, auto&& launch) {
+    std::vector<float> t;
+    for (int i = 0; i < 33; ++i) {
+      CK(cudaMemsetAsync(flush, i, 256 << 20));
+      CK(cudaEventRecord(e0));
+      launch();
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 3) t.push_back(ms);
+    }
+    CK(cudaGetLastError());
+    std::sort(t.begin(), t.end());
+    const float ms = t[t.size() / 2];
+    printf("%-58s %8.4f ms %8.1f GB/s\n", name, ms, kBytes / (ms * 1e-3) / 1e9);
+  };
+  const int sms = prop.multiProcessorCount;
+  for (int g : {1, 2, 4, 8}) {
+    char nm[96];
+    snprintf(nm, sizeof nm, "seq LDG.128 x4, grid %d x SMs x 8 warps", g);
+    timeit(nm, [&] { seq_read<<<sms * g, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
+  }
+  auto ring = [&](auto rows_tag, auto stages_tag, int smem, int spin, auto pair_tag) {
+    constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
+    constexpr bool PAIR = decltype(pair_tag)::value;
+    auto* k = &tile_ring<ROWS, STAGES, PAIR>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int occ = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k, 256, smem));
+    char nm[128];
+    snprintf(nm, sizeof nm, "ring %2d rows x %4d B%s, %d stages, %d blk/SM, spin %d", ROWS, kStageBytes / ROWS,
+             PAIR ? " paired" : "", STAGES, occ, spin);
+    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / ROWS), 256, smem>>>(w, spin, sink); });
+  };
+  using F = std::false_type;
+  using P = std::true_type;
+  using R32 = std::integral_constant<int, 32>;
+  using R16 = std::integral_constant<int, 16>;
+  using R8 = std::integral_constant<int, 8>;
+  using S4 = std::integral_constant<int, 4>;
+  using S8 = std::integral_constant<int, 8>;
+  const int skinny_smem = 66560 + 1024 + 2 * 32 * 33 * 4;
+  for (int spin : {0, 1000, 1500, 2000}) {
+    ring(R32{}, S4{}, skinny_smem, spin, F{});
+    ring(R32{}, S4{}, skinny_smem, spin, P{});
+    ring(R16{}, S4{}, skinny_smem, spin, F{});
+    ring(R16{}, S4{}, skinny_smem, spin, P{});
+    ring(R8{}, S4{}, skinny_smem, spin, F{});
+  }
+  ring(R32{}, S8{}, 8 * kStageBytes, 1000, F{});
+  ring(R16{}, S8{}, 8 * kStageBytes, 1000, F{});
+  return 0;
+}
