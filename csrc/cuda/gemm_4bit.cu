@@ -653,8 +653,8 @@ struct WgCfg {
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
 
-// Stream-K (SK): with fewer tiles than a whole number of waves (8192x28672 at batch 128: 224 tiles
-// of 128 rows on 132 SMs, 1.7 waves, so 40 SMs idle half the time) a resident grid of G <= #SM blocks
+// Stream-K (SK): where whole tiles leave SMs idle (14336x4096 at batch 64: 32 tiles of 128 rows on
+// 132 SMs; the dispatch uses it only there, see wg_stream_k_pays) a resident grid of G <= #SM blocks
 // takes even shares of all (tile, k tile) iterations, in units of 4 k tiles (KT % 4 == 0), and runs
 // one pipeline (copies, scales, decode, wgmma) through its whole share. A share is a run of segments:
 // a tile's tail (the first, if the share starts inside a tile), whole tiles, a tile's head (the
