@@ -1144,9 +1144,9 @@ int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, w
 // (dequantize + cuBLAS 0.026-0.036): too unsteady to choose, so it keeps dequantize + cuBLAS. With
 // more tiles stream-K was no faster (8192x28672 at batch 128: 0.155 vs 0.157 ms) or slower (at 64:
 // 0.126 vs 0.106 ms; 4096x14336, 112 tiles, at 64-512), a loss per k tile not understood yet.
-bool wg_stream_k_pays(int64_t M, int64_t N, int64_t K) {
-  const int64_t KT = ceil_div(K, 64), tiles = wg_tiles(M, N), sms = sm_count();
-  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (wg_tile_n(M) == 256 ? 48 : 16);
+// tiles of batch tile bn, KT 64-wide k tiles.
+bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
+  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (bn == 256 ? 48 : 16);
 }
 
 // Stream-K or one block per tile (wg_stream_k_pays); NF4KIT_GEMM_PATH=wgsk forces stream-K on any
@@ -1161,7 +1161,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   bool sk = false;
   if (KT % 4 == 0 && split_mode != 0) {
     split.units = tiles * KT / 4;
-    sk = split_mode > 0 || wg_stream_k_pays(p.M, p.N, p.K);
+    sk = split_mode > 0 || wg_stream_k_pays(tiles, KT, BN, sms);
   }
   at::Tensor partial, flags;
   int64_t grid = tiles;
@@ -1236,12 +1236,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   if (path == Path::Warpgroup && !wg_ok) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
+    const int64_t sms = sm_count(), wg_n = wg_tiles(a.M, a.N);
     if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
-             (wg_tiles(a.M, a.N) * 2 >= sm_count() || wg_stream_k_pays(a.M, a.N, a.K)))
+             (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))
       path = Path::Warpgroup;
     else if (mma_ok && a.M <= kTcMaxM && ceil_div(a.N, 128) <= 65535 &&
-             ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sm_count())
+             ceil_div(a.N, 128) * ceil_div(a.M, 64) * 2 >= sms)
       path = Path::TensorCore;
     else if (a.M <= 2 * kGenericRows) path = Path::Generic;
     else path = Path::Dequant;
