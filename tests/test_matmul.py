@@ -209,6 +209,24 @@ def test_cuda_wg_stream_k(dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grid", ["3", "5", "7"])
+def test_cuda_wg_dp_stream_k(dtype, grid, monkeypatch):
+    """Experiment (wgdp): whole tiles for the full waves of a grid forced small (NF4KIT_WG_GRID), then
+    stream-K over the rest; tiles cross from the whole-tile phase into a share that starts mid-tile."""
+    monkeypatch.setenv("NF4KIT_WG_GRID", grid)
+    for i, (M, N, K, bs, nested, qt) in enumerate(((70, 2600, 512, 64, True, "nf4"), (130, 1500, 768, 32, False, "fp4"),
+                                                  (300, 1100, 1024, 128, True, "nf4"))):
+        B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=50 + i)
+        A = activations((M, K), dtype, "cuda", seed=60 + i)
+        bias = activations((N,), dtype, "cuda", seed=70 + i) if i % 2 == 0 else None
+        with gemm_path("wgdp"):
+            ref = check_against_reference(A, B, qs, bias, f"wgdp grid={grid} {dtype} M={M} N={N} K={K}")
+            again = F.matmul_4bit(A, B.t(), qs, bias=bias)
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_skinny_fp4_codes_unbiased(dtype):
     """FP4's codes 2/3, 1/3, 1/6 and 1/192 all round one way in fp16 (down) and bf16 (up). Where the
     skinny kernel scales a whole group's float32 sum by the absmax (batch <= 16, blocksize >= 64),

@@ -664,10 +664,13 @@ struct WgCfg {
 // rest of the tile, adds their sums in block order (so the result is deterministic) and stores.
 // Those blocks reach their flag at the start of their shares, and the grid is resident, so the wait
 // is short and cannot deadlock. Without SK a block's share is one whole tile (blockIdx.x's).
+// Experiment (DP + SK): each block first takes dp whole tiles (b, b + G, ...), all blocks on the
+// same k tile at a time as with one block per tile, and only the tiles past dp * G are split.
 struct WgSplit {
   float* partial = nullptr;  // [G][BN / 2][256] float32 (SK)
   int* flags = nullptr;      // [G], zero at launch (SK)
-  int64_t units = 0;         // tiles * KT / 4 (SK)
+  int64_t units = 0;         // (tiles - dp * G) * KT / 4 (SK)
+  int dp = 0;                // whole tiles per block before its stream-K share (SK)
 };
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
@@ -734,25 +737,58 @@ __global__ void __launch_bounds__(256, 1)
   };
   auto m0_of = [&](const Walk& w) { return (w.first_m + w.mi) * BN; };
   auto n0_of = [&](const Walk& w) { return w.ni * C::kRows; };
-  // This block's share: iterations [begin, begin + len) of tile * KT + k tile.
-  int64_t begin;
-  int len;
+  // This block's work: SK: split.dp whole tiles (blockIdx.x + i G), then its share [sk_begin,
+  // sk_begin + sk_len) of the iterations (tile - dp G) * KT + k tile of the tiles past dp G;
+  // otherwise tile blockIdx.x. len iterations in all.
+  const int G = gridDim.x, tail0 = split.dp * G;
+  int len, tile0, kt0, sk_tile = 0, sk_kt = 0;
+  bool end_tail = true;  // the last segment runs to its tile's end
   if constexpr (SK) {
-    const int64_t G = gridDim.x;
-    begin = 4 * (split.units * blockIdx.x / G);
-    len = static_cast<int>(4 * (split.units * (blockIdx.x + 1) / G) - begin);
+    const int64_t sk_begin = 4 * (split.units * blockIdx.x / G);
+    const int sk_len = static_cast<int>(4 * (split.units * (blockIdx.x + 1) / G) - sk_begin);
+    sk_tile = tail0 + static_cast<int>(sk_begin / KT);
+    sk_kt = static_cast<int>(sk_begin % KT);
+    len = split.dp * KT + sk_len;
+    tile0 = split.dp > 0 ? static_cast<int>(blockIdx.x) : sk_tile;
+    kt0 = split.dp > 0 ? 0 : sk_kt;
+    if (sk_len > 0) end_tail = (sk_begin + sk_len) % KT == 0;
   } else {
-    begin = static_cast<int64_t>(blockIdx.x) * KT;
     len = KT;
+    tile0 = blockIdx.x;
+    kt0 = 0;
   }
-  const int tile0 = static_cast<int>(begin / KT), kt0 = static_cast<int>(begin - static_cast<int64_t>(tile0) * KT);
+
+  // A cursor's tile (SK): whole tiles blockIdx.x + i G while dp_left > 0, then the stream-K tiles
+  // in order; next_tile returns the k tile the next one starts at (sk_kt where the share starts).
+  struct Cur {
+    Walk w;
+    int t, dp_left;
+  };
+  auto cur_at = [&]() { return Cur{walk_at(tile0), tile0, split.dp}; };
+  auto next_tile = [&](Cur& cu) {
+    if (cu.dp_left > 1) {
+      --cu.dp_left;
+      cu.t += G;
+      cu.w = walk_at(cu.t);
+      return 0;
+    }
+    if (cu.dp_left == 1) {
+      cu.dp_left = 0;
+      cu.t = sk_tile;
+      cu.w = walk_at(cu.t);
+      return sk_kt;
+    }
+    ++cu.t;
+    walk_next(cu.w);
+    return 0;
+  };
 
   // Copies (thread 0, the producer): the activation tile and the packed-W tile by TMA into slot
   // j % S, both completing on full[slot]; rows past M or N and k past K arrive as zeros, the
   // activations with the 128-byte swizzle the descriptor expects. A slot is refilled once all warps
   // released its previous tile (empty[slot]); no block-wide barrier in the loop.
   uint32_t empty_phases = 0;  // producer: bit s = parity of empty[s]'s next completion
-  Walk pw = walk_at(tile0);
+  Cur pc = cur_at();
   int p_kt = kt0;
   auto produce = [&](int j, int slot) {
     if (j < len) {
@@ -761,12 +797,9 @@ __global__ void __launch_bounds__(256, 1)
         empty_phases ^= 1u << slot;
       }
       wg::mbar_expect_tx(full_bar(slot), C::kAStage + C::kWStage);
-      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, p_kt * C::kBK, m0_of(pw), full_bar(slot));
-      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pw), full_bar(slot));
-      if (++p_kt == KT && SK) {
-        p_kt = 0;
-        walk_next(pw);
-      }
+      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, p_kt * C::kBK, m0_of(pc.w), full_bar(slot));
+      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pc.w), full_bar(slot));
+      if (++p_kt == KT && SK) p_kt = next_tile(pc);
     }
   };
 
@@ -776,11 +809,11 @@ __global__ void __launch_bounds__(256, 1)
   // starting at unit base lies in block (base + u) >> (log2(blocksize) - 5).
   const int wrow = 64 * (warp >> 2) + 16 * (warp & 3) + g;  // row h = 0 within the block's 128
   uint32_t ubase[2];
-  Walk rw = walk_at(tile0);
+  Cur rc = cur_at();
   auto set_ubase = [&]() {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0_of(rw) + wrow + 8 * h, N - 1) * K) >> 5);
+      ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0_of(rc.w) + wrow + 8 * h, N - 1) * K) >> 5);
       asm volatile("" : "+r"(ubase[h]));  // kept in a register, not recomputed from 64-bit math every step
     }
   };
@@ -863,7 +896,7 @@ __global__ void __launch_bounds__(256, 1)
       }
     } else {
       if (SK && !tail) {  // the head: add the sums of the blocks holding the rest, in block order
-        const int64_t G = gridDim.x, last_unit = (static_cast<int64_t>(t + 1) * KT) / 4 - 1;
+        const int64_t last_unit = (static_cast<int64_t>(t - tail0 + 1) * KT) / 4 - 1;
         const int last = static_cast<int>(((last_unit + 1) * G + split.units - 1) / split.units - 1);
         for (int b = blockIdx.x + 1; b <= last; ++b) {
           if (tid == 0) {
@@ -914,12 +947,12 @@ __global__ void __launch_bounds__(256, 1)
   };
   static_assert(LA == 4, "the loop below is unrolled for 4 scale sets");
   // SK: shares and tiles start at multiples of 4 k tiles, so segments end only between groups of 4.
-  int j = 0, seg_tile = tile0, c_kt = kt0;
+  int j = 0, c_kt = kt0;
+  Cur cc = cur_at();
   bool seg_head = kt0 == 0;
   for (; j + 3 < len; j += 4) {
     if (SK && r_kt == KT) {
-      r_kt = 0;
-      walk_next(rw);
+      r_kt = next_tile(rc);
       set_ubase();
     }
     step(j, r_kt, af0, qv[0], vv[0]);
@@ -930,17 +963,16 @@ __global__ void __launch_bounds__(256, 1)
     if constexpr (SK) {
       c_kt += 4;
       if (c_kt == KT && j + 4 < len) {
-        segment_end(seg_tile, seg_head, true);
-        ++seg_tile;
-        seg_head = true;
-        c_kt = 0;
+        segment_end(cc.t, seg_head, true);
+        c_kt = next_tile(cc);
+        seg_head = c_kt == 0;
       }
     }
   }
   if (j < len) step(j, r_kt, af0, qv[0], vv[0]);
   if (j + 1 < len) step(j + 1, r_kt + 1, af1, qv[1], vv[1]);
   if (j + 2 < len) step(j + 2, r_kt + 2, af0, qv[2], vv[2]);
-  segment_end(seg_tile, seg_head, (begin + len) % KT == 0);
+  segment_end(cc.t, seg_head, end_tail);
 #else
   __trap();  // built without sm_90a code: the host launches it only on sm_90 (wg_ok)
 #endif
@@ -1005,7 +1037,7 @@ Path path_override() {
   if (s == nullptr || *s == '\0') return Path::Auto;
   if (!std::strcmp(s, "skinny")) return Path::Skinny;
   if (!std::strcmp(s, "tc")) return Path::TensorCore;
-  if (!std::strcmp(s, "wg") || !std::strcmp(s, "wgsk")) return Path::Warpgroup;
+  if (!std::strcmp(s, "wg") || !std::strcmp(s, "wgsk") || !std::strcmp(s, "wgdp")) return Path::Warpgroup;
   if (!std::strcmp(s, "dequant")) return Path::Dequant;
   if (!std::strcmp(s, "generic")) return Path::Generic;
   return Path::Auto;
@@ -1166,7 +1198,16 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   at::Tensor partial, flags;
   int64_t grid = tiles;
   if (sk) {
-    grid = std::min<int64_t>(sms, split.units);
+    const char* g_env = std::getenv("NF4KIT_WG_GRID");  // development aid: fewer blocks, to test DP + SK small
+    const int64_t g_max = g_env != nullptr && *g_env ? std::max(1, std::atoi(g_env)) : sms;
+    grid = std::min<int64_t>(g_max, split.units);
+    if (split_mode == 2) {  // DP + SK: whole tiles for all full waves, stream-K for the rest
+      int64_t dp = tiles / grid;
+      // every block needs a non-empty share of the rest (or none at all: the rest is empty)
+      while (dp > 0 && tiles > dp * grid && (tiles - dp * grid) * KT / 4 < grid) --dp;
+      split.dp = static_cast<int>(dp);
+      split.units = (tiles - dp * grid) * KT / 4;
+    }
     const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
     partial = at::empty({grid * (BN / 2) * C::kThreads}, opts.dtype(at::kFloat));
     flags = at::zeros({grid}, opts.dtype(at::kInt));
@@ -1271,7 +1312,11 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
       const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
       const char* forced = std::getenv("NF4KIT_GEMM_PATH");
-      const int split = forced == nullptr ? -1 : !std::strcmp(forced, "wgsk") ? 1 : !std::strcmp(forced, "wg") ? 0 : -1;
+      const int split = forced == nullptr               ? -1
+                        : !std::strcmp(forced, "wgsk") ? 1
+                        : !std::strcmp(forced, "wgdp") ? 2
+                        : !std::strcmp(forced, "wg")   ? 0
+                                                       : -1;
       if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
       else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);
       else launch_wg<T, 256>(p, uniform, split, stream);
