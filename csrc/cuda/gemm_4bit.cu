@@ -261,9 +261,15 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   for (int r = 0; r < 4; ++r)
     rd[r] = (ZB ? 0u : tab) + ring_offset(16 * (r >> 1) + 8 * (r & 1) + g, w >> 2, w & 3, 0) + 8 * c;
   int64_t k_lane = static_cast<int64_t>(w) * kSkinnyGroup + 16 * c;  // the lane's k in the current stage
-  const uint8_t* ap[NT];  // activation row 8 nt + g at k_lane, or null past M
+  // Activation row 8 nt + g at k_lane (row M - 1's past M, never read: aok), always advanced, so the
+  // loop carries no null test of a 64-bit pointer.
+  const uint8_t* ap[NT];
+  bool aok[NT];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) ap[nt] = nt * 8 + g < M ? p.A + ((nt * 8 + g) * K + k_lane) * 2 : nullptr;
+  for (int nt = 0; nt < NT; ++nt) {
+    aok[nt] = nt * 8 + g < M;
+    ap[nt] = p.A + (std::min<int64_t>(nt * 8 + g, M - 1) * K + k_lane) * 2;
+  }
 
   // Scales: the block decodes each stage's absmax once into a shared table (double-buffered), one
   // value per (row, unit): unit = the 64-wide group (UNIFORM) or the 16-wide chunk of a lane (else);
@@ -273,7 +279,8 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   constexpr int US = UN + 1;                                     // row stride (no bank conflicts)
   constexpr int EPT = kSkinnyRows * UN / (kSkinnyWarps * 32);    // entries per thread
   float* sct = reinterpret_cast<float*>(smem + kSkinnyScaleOffset);
-  int64_t es[EPT];  // element index of the entry's first k in the current stage
+  int64_t es[EPT];  // element index of the entry's first k in the current stage (not UNIFORM)
+  uint32_t eu[EPT];  // the same in 32-element units (UNIFORM: ek is a multiple of 64; N * K / 32 < 2^32)
   int ek[EPT];      // its k within a stage
   int eo[EPT];      // its offset in a table buffer
 #pragma unroll
@@ -281,6 +288,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     const int e = tid + kSkinnyWarps * 32 * i, row = e / UN, unit = e % UN;
     ek[i] = unit * (UNIFORM ? kSkinnyGroup : 16);
     es[i] = std::min<int64_t>(n0 + row, N - 1) * K + ek[i];
+    eu[i] = static_cast<uint32_t>(es[i] >> 5);
     eo[i] = row * US + unit;
   }
   uint32_t qv[EPT];
@@ -297,7 +305,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       vv[i] = 0.0f;
       okv[i] = WHOLE || k_raw + ek[i] < K;
       if (okv[i]) {
-        const uint32_t b = static_cast<uint32_t>(es[i] >> p.bs_shift);
+        const uint32_t b = UNIFORM ? eu[i] >> (p.bs_shift - 5) : static_cast<uint32_t>(es[i] >> p.bs_shift);
         if constexpr (nested) {
           qv[i] = __ldg(p.absmax.absmax_u8 + b);
           vv[i] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
@@ -305,7 +313,8 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
           vv[i] = __ldg(p.absmax.absmax_f32 + b);
         }
       }
-      es[i] += SK;
+      if constexpr (UNIFORM) eu[i] += SK / 32;
+      else es[i] += SK;
     }
     k_raw += SK;
   };
@@ -330,7 +339,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        act[half][nt] = (live && ap[nt] != nullptr) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
+        act[half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
                                                     : make_uint4(0u, 0u, 0u, 0u);
   };
   load_act(true);
@@ -411,8 +420,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     }
     k_lane += SK;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      if (ap[nt] != nullptr) ap[nt] += 2 * SK;
+    for (int nt = 0; nt < NT; ++nt) ap[nt] += 2 * SK;
     load_act(s + 1 < nstages);
   }
   mma::cp_async_wait<0>();
@@ -1111,7 +1119,8 @@ template <typename T>
 void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) {
   // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
   // group's float32 sums instead of each pair of codes.
-  const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0;
+  // (and 32-element scale indices fit in 32 bits)
+  const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0 && p.N * p.K < (int64_t{1} << 37);
   const char* force = std::getenv("NF4KIT_SKINNY_MODE");  // development aid: "uniform" skips kSkinnyWhole
   const bool whole = uniform && p.K % kSkinnyStageK == 0 && p.N % kSkinnyRows == 0 &&
                      !(force != nullptr && !std::strcmp(force, "uniform"));
