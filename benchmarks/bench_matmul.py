@@ -3,7 +3,8 @@ matmul_4bit vs bitsandbytes' matmul_4bit, NF4, blocksize 64, nested absmax (comp
 
 Layers (in_features x out_features): 4096x4096, 4096x14336, 14336x4096, 8192x28672; batches 1..4096;
 fp16 and bf16. Each time is the median of triton's do_bench, which zeroes a 256 MB buffer (flushing
-L2) before every run. Bytes are the fewest a call must move (packed weight + absmax + activations +
+L2) before every run; cuBLAS, nf4kit and bitsandbytes are timed in 3 interleaved rounds (--rounds)
+and each reports the median over them. Bytes are the fewest a call must move (packed weight + absmax + activations +
 output); FLOPs are 2 M N K. The card's two ceilings are measured in the same run: a 1 GiB
 device-to-device copy (bytes read + written) and an 8192^3 fp16 matmul.
 
@@ -19,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 from contextlib import contextmanager
 
@@ -56,6 +58,19 @@ def bench(fn, rep: int = 100) -> float:
     """Median milliseconds, L2 flushed before every run."""
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median"))
+
+
+def interleaved(fns: dict, rep: int, rounds: int = 3) -> dict:
+    """Median over rounds of each function's bench(), the order rotated every round: the card's
+    clocks drift with power and heat (up to ~10% between back-to-back timings of one call on the
+    H200), and timing the candidates one after another inside each round keeps that drift out of
+    their ratios."""
+    names = [n for n, f in fns.items() if f is not None]
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            times[n].append(bench(fns[n], rep))
+    return {n: (float(statistics.median(times[n])) if n in times else None) for n in fns}
 
 
 def weight_bytes_nf4(N: int, K: int, blocksize: int = 64) -> int:
@@ -107,7 +122,7 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "fp16_gemm_TFLOPs": tflops}
 
 
-def run(layers, batches, dtypes, out_dir, with_bnb=True):
+def run(layers, batches, dtypes, out_dir, with_bnb=True, rounds=3):
     import torch.nn.functional as TF
 
     import nf4kit.functional as F
@@ -132,9 +147,10 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True):
                     ref = TF.linear(A.float(), Wdq.float())
                     err = float((ours.float() - ref).norm() / ref.norm())
                     base_err = float((TF.linear(A, Wdq).float() - ref).norm() / ref.norm())
-                    t_cublas = bench(lambda: TF.linear(A, W), rep)
-                    t_ours = bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)
-                    t_bnb = bench(lambda: bnb.matmul_4bit(A, Bb.t(), qsb), rep) if bnb is not None else None
+                    t = interleaved({"cublas": lambda: TF.linear(A, W), "ours": lambda: F.matmul_4bit(A, Bq.t(), qs),
+                                     "bnb": (lambda: bnb.matmul_4bit(A, Bb.t(), qsb)) if bnb is not None else None},
+                                    rep // 2, rounds)
+                    t_cublas, t_ours, t_bnb = t["cublas"], t["ours"], t["bnb"]
                 flops = 2 * M * N * K
                 act = 2 * (M * K + M * N)
                 bytes_ours = weight_bytes_nf4(N, K) + act
@@ -157,7 +173,7 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True):
             torch.cuda.empty_cache()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                bnb=getattr(bnb, "__version__", None), **caps)
+                bnb=getattr(bnb, "__version__", None), rounds=rounds, **caps)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "matmul.json"), "w") as f:
@@ -176,7 +192,8 @@ def markdown(meta, rows) -> str:
              f"{meta['gpu']}, torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}. "
              f"Measured ceilings: copy {meta['copy_GBps']:.0f} GB/s (read + write), fp16 GEMM "
              f"{meta['fp16_gemm_TFLOPs']:.0f} TFLOP/s (8192^3).", "",
-             "NF4, blocksize 64, nested absmax (4.13 bits per weight). Times: median ms, L2 flushed. "
+             "NF4, blocksize 64, nested absmax (4.13 bits per weight). Times: median ms, L2 flushed; cuBLAS, "
+             f"nf4kit and bitsandbytes interleaved, {meta.get('rounds', 1)} rounds, median over them. "
              "speed-up = cuBLAS time / nf4kit time (bnb: cuBLAS time / bitsandbytes time). "
              "floor = max(bytes / copy rate, FLOPs / fp16 GEMM rate) for nf4kit's bytes (packed weight + "
              "absmax + activations + output); '% floor' = floor / measured time.", ""]
@@ -277,15 +294,17 @@ def sanitize():
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wgsk", 33, 129, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
+             ("wgdp:3", 70, 2500, 512), ("wgdp:5", 300, 1100, 1024),  # DP + SK on a grid of 3 / 5 blocks
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
+        path, _, grid = path.partition(":")
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH=path):
+            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()
@@ -305,6 +324,7 @@ if __name__ == "__main__":
     ap.add_argument("--batches", default=None)
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per row")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--plot", default=None, help="make the PNG from a saved matmul.json and exit")
@@ -328,4 +348,4 @@ if __name__ == "__main__":
         batches = BATCHES if not args.batches else tuple(int(b) for b in args.batches.split(","))
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
         out = args.out or os.path.join(HERE, "results", gpu_tag(torch.cuda.get_device_name()))
-        run(layers, batches, dtypes, out, with_bnb=not args.no_bnb)
+        run(layers, batches, dtypes, out, with_bnb=not args.no_bnb, rounds=args.rounds)

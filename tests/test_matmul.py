@@ -211,7 +211,7 @@ def test_cuda_wg_stream_k(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grid", ["3", "5", "7"])
 def test_cuda_wg_dp_stream_k(dtype, grid, monkeypatch):
-    """Experiment (wgdp): whole tiles for the full waves of a grid forced small (NF4KIT_WG_GRID), then
+    """DP + SK (wgdp): whole tiles for the full waves of a grid forced small (NF4KIT_WG_GRID), then
     stream-K over the rest; tiles cross from the whole-tile phase into a share that starts mid-tile."""
     monkeypatch.setenv("NF4KIT_WG_GRID", grid)
     for i, (M, N, K, bs, nested, qt) in enumerate(((70, 2600, 512, 64, True, "nf4"), (130, 1500, 768, 32, False, "fp4"),
@@ -223,6 +223,36 @@ def test_cuda_wg_dp_stream_k(dtype, grid, monkeypatch):
             ref = check_against_reference(A, B, qs, bias, f"wgdp grid={grid} {dtype} M={M} N={N} K={K}")
             again = F.matmul_4bit(A, B.t(), qs, bias=bias)
         torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wg_deep_ring(dtype):
+    """The warpgroup kernel at batch tile 128, one block per tile, runs an 8-slot ring (5 with
+    stream-K, 6 at batch tile 64): tiles of more k tiles than slots and of fewer, odd N, both absmax
+    kinds."""
+    for i, (M, N, K, bs, nested) in enumerate(((100, 300, 4096, 64, True), (128, 131, 384, 128, False), (65, 64, 1024, 64, False))):
+        B, qs = quantized(N, K, bs, "nf4", nested, "cuda", dtype, seed=90 + i)
+        A = activations((M, K), dtype, "cuda", seed=91 + i)
+        bias = activations((N,), dtype, "cuda", seed=92 + i) if i % 2 == 0 else None
+        with gemm_path("wg"):
+            check_against_reference(A, B, qs, bias, f"wg 8 stages {dtype} M={M} N={N} K={K}")
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wg_dp_stream_k_auto(dtype):
+    """A shape the automatic dispatch sends to DP + SK on the device's own SM count (batch tile 256,
+    K = 8192, tiles past one wave and not a whole number of them), partial last row tile included;
+    two runs agree bit for bit."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    M, K = 257, 8192
+    N = 128 * (sms // 2 + 10) - 3  # 2 batch tiles x (sms / 2 + 10) row tiles: one wave and 20 tiles
+    B, qs = quantized(N, K, 64, "nf4", True, "cuda", dtype, seed=80)
+    A = activations((M, K), dtype, "cuda", seed=81)
+    bias = activations((N,), dtype, "cuda", seed=82)
+    ref = check_against_reference(A, B, qs, bias, f"auto dp+sk {dtype} M={M} N={N} K={K}")
+    torch.testing.assert_close(F.matmul_4bit(A, B.t(), qs, bias=bias), ref, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -1,6 +1,8 @@
-"""Probe (device): 8192x28672 at batch 4096, NF4 bs64 nested, five interleaved rounds of cuBLAS on
-the dense weight, nf4kit's matmul_4bit, nf4kit's dequantize + F.linear, and bitsandbytes'
-matmul_4bit; medians (L2 flushed) per round, to tell a real gap from the GEMM's run-to-run spread."""
+"""Probe (device): 8192x28672 at batch 4096 (MS: a list), NF4 bs64 nested, ROUNDS (5) interleaved
+rounds of cuBLAS on the dense weight (F.linear on W [N, K]; cublas_nn: A @ W^T stored [K, N]),
+nf4kit's matmul_4bit (and each path in PATHS, forced), nf4kit's dequantize + F.linear, and
+bitsandbytes' matmul_4bit; medians (L2 flushed) per round, to tell a real gap from the GEMM's
+run-to-run spread."""
 import os
 import sys
 
@@ -17,24 +19,32 @@ import torch.nn.functional as TF  # noqa: E402
 
 
 def main():
-    K, N, M = 8192, 28672, int(os.environ.get("M", "4096"))
+    K, N = 8192, 28672
+    Ms = [int(m) for m in os.environ.get("MS", os.environ.get("M", "4096")).split(",")]
+    paths = [q for q in os.environ.get("PATHS", "").split(",") if q]
+    rounds = int(os.environ.get("ROUNDS", "5"))
     bnb, BF = load_bnb()
     for dtype in (torch.float16, torch.bfloat16):
         g = torch.Generator(device="cuda").manual_seed(K + N)
         W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) * 0.02
         Bq, qs = quantize(W)
         Bb, qsb = BF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-        A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
-        with torch.inference_mode():
-            for r in range(5):
+        WT = W.t().contiguous()
+        for M, r in ((M, r) for M in Ms for r in range(rounds)):
+            A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
+            with torch.inference_mode():
                 t = {
                     "cublas": bench(lambda: TF.linear(A, W), 30),
+                    "cublas_nn": bench(lambda: A @ WT, 30),
                     "nf4kit": bench(lambda: F.matmul_4bit(A, Bq.t(), qs), 30),
                     "nf4kit_deq+linear": bench(lambda: TF.linear(A, F.dequantize_4bit(Bq, qs)), 30),
                     "nf4kit_deq_only": bench(lambda: F.dequantize_4bit(Bq, qs), 30),
                     "bnb": bench(lambda: bnb.matmul_4bit(A, Bb.t(), qsb), 30),
                     "bnb_deq_only": bench(lambda: BF.dequantize_4bit(Bb, qsb), 30),
                 }
+                for q in paths:
+                    with bench_matmul.env(NF4KIT_GEMM_PATH=q):
+                        t[q] = bench(lambda: F.matmul_4bit(A, Bq.t(), qs), 30)
                 print(str(dtype).replace("torch.", ""), f"M={M} round {r}: " + " ".join(f"{k} {v:.4f}" for k, v in t.items()), flush=True)
 
 

@@ -10,7 +10,8 @@
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, or 1024 for K >= 8192): wgmma with W decoded straight
 //    into the A registers, activations and packed W by TMA, mbarriers (gemm_4bit_wgmma.cuh); one
-//    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays).
+//    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
+//    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.
@@ -646,10 +647,16 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
 // =============================================================================================
 // Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
 // the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8.
-template <int BN>
+// Stages: 6 at batch tile 64 (two blocks per SM fit), 5 at 256 (the most that fit), 8 at 128 with
+// one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
+// waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
+// median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log); 5 for
+// stream-K at 128 (not measured with 8).
+constexpr int wg_stages(int bn, bool sk) { return bn == 64 ? 6 : bn == 128 && !sk ? 8 : 5; }
+template <int BN, int STAGES = wg_stages(BN, false)>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
-  static constexpr int kStages = BN == 64 ? 6 : 5;
+  static constexpr int kStages = STAGES;
   static constexpr int kAStage = BN * 128;
   static constexpr int kWStage = kRows * 32;
   static constexpr int kWOff = kStages * kAStage;
@@ -672,8 +679,9 @@ struct WgCfg {
 // rest of the tile, adds their sums in block order (so the result is deterministic) and stores.
 // Those blocks reach their flag at the start of their shares, and the grid is resident, so the wait
 // is short and cannot deadlock. Without SK a block's share is one whole tile (blockIdx.x's).
-// Experiment (DP + SK): each block first takes dp whole tiles (b, b + G, ...), all blocks on the
-// same k tile at a time as with one block per tile, and only the tiles past dp * G are split.
+// DP + SK (where the tiles are many but not a whole number of waves, wg_dp_stream_k_pays): each
+// block first takes dp whole tiles (b, b + G, ...), all blocks on the same k tile at a time as with
+// one block per tile, and only the tiles past dp * G are split.
 struct WgSplit {
   float* partial = nullptr;  // [G][BN / 2][256] float32 (SK)
   int* flags = nullptr;      // [G], zero at launch (SK)
@@ -690,12 +698,12 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
 // UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
-template <typename T, int BN, bool UNIFORM, bool NESTED, bool SK>
+template <typename T, int BN, bool UNIFORM, bool NESTED, bool SK, int STAGES = wg_stages(BN, SK)>
 __global__ void __launch_bounds__(256, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WgCfg<BN>;
+  using C = WgCfg<BN, STAGES>;
   constexpr int S = C::kStages;
   constexpr int NS = UNIFORM ? 2 : 4;  // scales per lane and tile
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -1038,17 +1046,24 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm4_generic_kernel(const
 // =============================================================================================
 enum class Path { Auto, Skinny, TensorCore, Warpgroup, Dequant, Generic };
 
-// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|wg|wgsk|dequant|generic
-// (wg: the warpgroup kernel one block per tile, wgsk: stream-K wherever it can run; see launch_wg).
-Path path_override() {
+// Development aid (benchmarks/tests force each path): NF4KIT_GEMM_PATH=skinny|tc|wg|wgsk|wgdp|dequant|
+// generic (wg: the warpgroup kernel one block per tile, wgsk: stream-K, wgdp: DP + SK, wherever they
+// can run; see launch_wg). split: the warpgroup kernel's split_mode it names (-1: not named).
+struct PathChoice {
+  Path path = Path::Auto;
+  int split = -1;
+};
+PathChoice path_override() {
   const char* s = std::getenv("NF4KIT_GEMM_PATH");
-  if (s == nullptr || *s == '\0') return Path::Auto;
-  if (!std::strcmp(s, "skinny")) return Path::Skinny;
-  if (!std::strcmp(s, "tc")) return Path::TensorCore;
-  if (!std::strcmp(s, "wg") || !std::strcmp(s, "wgsk") || !std::strcmp(s, "wgdp")) return Path::Warpgroup;
-  if (!std::strcmp(s, "dequant")) return Path::Dequant;
-  if (!std::strcmp(s, "generic")) return Path::Generic;
-  return Path::Auto;
+  if (s == nullptr || *s == '\0') return {};
+  if (!std::strcmp(s, "skinny")) return {Path::Skinny};
+  if (!std::strcmp(s, "tc")) return {Path::TensorCore};
+  if (!std::strcmp(s, "wg")) return {Path::Warpgroup, 0};
+  if (!std::strcmp(s, "wgsk")) return {Path::Warpgroup, 1};
+  if (!std::strcmp(s, "wgdp")) return {Path::Warpgroup, 2};
+  if (!std::strcmp(s, "dequant")) return {Path::Dequant};
+  if (!std::strcmp(s, "generic")) return {Path::Generic};
+  return {};
 }
 
 // Dispatch, from medians measured on an H200 (torch 2.11, fp16 and bf16, all four benchmark layers;
@@ -1059,7 +1074,8 @@ Path path_override() {
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
 //                With fewer blocks (N = 4096: 32 row tiles) stream-K where it measured faster
-//                (wg_stream_k_pays, seventh session), else dequantize + cuBLAS.
+//                (wg_stream_k_pays, seventh session), else dequantize + cuBLAS; with one to four
+//                waves of tiles at batch tile 256 and K >= 8192, DP + SK (wg_dp_stream_k_pays, eighth).
 //   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
 //                0.190 vs 0.204), else dequantize + cuBLAS (4096x14336 at 1024: 0.205 vs 0.220 ms).
 //   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel).
@@ -1189,28 +1205,44 @@ int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, w
 bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
   return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (bn == 256 ? 48 : 16);
 }
+// DP + SK (whole tiles for the full waves, stream-K over the last partial one) where it measured
+// faster (H200, eighth session, benchmarks/results/h200/experiments/): batch tile 256, long rows (KT
+// >= 128), between one and four waves of tiles, not a whole number of them. 8192x28672 (224 / 448
+// tiles at batch 256 / 512), wg vs wgdp, ms: run 1 (one after the other) 0.2386 vs 0.2215 and 0.4543
+// vs 0.4199; run 3 (median of 7 interleaved rounds) 0.2375 vs 0.2211 and 0.5113 vs 0.4295. Not at
+// batch 1024 (896 tiles: run 1 0.8852 vs 0.8592, but run 2 0.72 vs 0.80-0.83 and run 3 0.8731 vs
+// 0.9100), nor at batch tile 128 (0.1576 vs 0.1561), nor with KT = 64 (4096x14336 at 512: 0.1151
+// vs 0.1177: each split tile's fix-up weighs twice as much next to its work).
+bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
+  return KT % 4 == 0 && bn == 256 && KT >= 128 && tiles > sms && tiles < 4 * sms && tiles % sms != 0;
+}
 
-// Stream-K or one block per tile (wg_stream_k_pays); NF4KIT_GEMM_PATH=wgsk forces stream-K on any
-// shape it can take (K % 256 == 0; tiny shares, many blocks per tile, as the tests want), =wg forbids it.
+// One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
+// -1 chooses, 0 one block per tile, 1 stream-K, 2 DP + SK (the dev switch NF4KIT_GEMM_PATH = wg, wgsk,
+// wgdp forces them on any shape they can take: K % 256 == 0 for the split ones; tiny shares, many
+// blocks per tile, as the tests want).
 template <typename T, int BN>
 void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t stream) {
   using C = WgCfg<BN>;
   const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
   const int64_t tiles = m_tiles * n_tiles, KT = ceil_div(p.K, C::kBK), sms = sm_count();
   const bool nested = p.absmax.absmax_f32 == nullptr;
+  int mode = 0;  // as split_mode, chosen
+  if (KT % 4 == 0)
+    mode = split_mode >= 0                              ? split_mode
+           : wg_stream_k_pays(tiles, KT, BN, sms)    ? 1
+           : wg_dp_stream_k_pays(tiles, KT, BN, sms) ? 2
+                                                     : 0;
+  const bool sk = mode > 0;
   WgSplit split;
-  bool sk = false;
-  if (KT % 4 == 0 && split_mode != 0) {
-    split.units = tiles * KT / 4;
-    sk = split_mode > 0 || wg_stream_k_pays(tiles, KT, BN, sms);
-  }
   at::Tensor partial, flags;
   int64_t grid = tiles;
   if (sk) {
+    split.units = tiles * KT / 4;
     const char* g_env = std::getenv("NF4KIT_WG_GRID");  // development aid: fewer blocks, to test DP + SK small
     const int64_t g_max = g_env != nullptr && *g_env ? std::max(1, std::atoi(g_env)) : sms;
     grid = std::min<int64_t>(g_max, split.units);
-    if (split_mode == 2) {  // DP + SK: whole tiles for all full waves, stream-K for the rest
+    if (mode == 2) {  // DP + SK: whole tiles for all full waves, stream-K for the rest
       int64_t dp = tiles / grid;
       // every block needs a non-empty share of the rest (or none at all: the rest is empty)
       while (dp > 0 && tiles > dp * grid && (tiles - dp * grid) * KT / 4 < grid) --dp;
@@ -1228,20 +1260,21 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
       p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-  auto go = [&](auto kernel) {
-    allow_smem(kernel, C::kSmem);
-    kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmem, stream>>>(
+  auto go = [&](auto kernel, auto sk_tag) {
+    constexpr int smem = WgCfg<BN, wg_stages(BN, decltype(sk_tag)::value)>::kSmem;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(grid), C::kThreads, smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
   auto pick = [&](auto sk_tag) {
     constexpr bool SK = decltype(sk_tag)::value;
     if (uniform) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, true, true, SK>);
-      else go(&gemm4_wg_kernel<T, BN, true, false, SK>);
+      if (nested) go(&gemm4_wg_kernel<T, BN, true, true, SK>, sk_tag);
+      else go(&gemm4_wg_kernel<T, BN, true, false, SK>, sk_tag);
     } else {
-      if (nested) go(&gemm4_wg_kernel<T, BN, false, true, SK>);
-      else go(&gemm4_wg_kernel<T, BN, false, false, SK>);
+      if (nested) go(&gemm4_wg_kernel<T, BN, false, true, SK>, sk_tag);
+      else go(&gemm4_wg_kernel<T, BN, false, false, SK>, sk_tag);
     }
   };
   if (sk) pick(std::true_type{});
@@ -1276,7 +1309,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   const bool mma_ok = half && a.K % 32 == 0 && pow2_nested && at::cuda::getCurrentDeviceProperties()->major >= 8;
   if (!aligned16(pk.data_ptr())) pk = pk.clone();  // 16-byte loads of W
 
-  Path path = path_override();
+  const PathChoice forced = path_override();
+  Path path = forced.path;
   if (path == Path::Skinny && !mma_ok) path = Path::Auto;
   if (path == Path::TensorCore && !(mma_ok && ceil_div(a.N, 128) <= 65535)) path = Path::Auto;
   // The warpgroup kernel: sm_90 (setup.py builds every 9.0 target as sm_90a), grid within one dimension.
@@ -1320,12 +1354,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
       const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
-      const char* forced = std::getenv("NF4KIT_GEMM_PATH");
-      const int split = forced == nullptr               ? -1
-                        : !std::strcmp(forced, "wgsk") ? 1
-                        : !std::strcmp(forced, "wgdp") ? 2
-                        : !std::strcmp(forced, "wg")   ? 0
-                                                       : -1;
+      const int split = path == forced.path ? forced.split : -1;
       if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
       else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);
       else launch_wg<T, 256>(p, uniform, split, stream);
