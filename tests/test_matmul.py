@@ -239,6 +239,24 @@ def test_cuda_wg_deep_ring(dtype):
             check_against_reference(A, B, qs, bias, f"wg 8 stages {dtype} M={M} N={N} K={K}")
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["wg", "wgsk"])
+def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
+    """Blocksize 64 with K % 256 == 0: the warpgroup kernel loads 4 k tiles' absmax at once. Those are
+    the same values the per-tile loads give, so the outputs agree bit for bit with the per-tile mode
+    (NF4KIT_WG_SCALES=step), nested and plain, batch tiles 64 / 128 / 256, odd N."""
+    for i, (M, N, K, nested) in enumerate(((40, 300, 1024, True), (100, 131, 2048, False), (300, 200, 768, True))):
+        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=100 + i)
+        A = activations((M, K), dtype, "cuda", seed=101 + i)
+        with gemm_path(path):
+            out = check_against_reference(A, B, qs, None, f"{path} packed scales {dtype} M={M} N={N} K={K}")
+            monkeypatch.setenv("NF4KIT_WG_SCALES", "step")
+            step = F.matmul_4bit(A, B.t(), qs)
+            monkeypatch.delenv("NF4KIT_WG_SCALES")
+        torch.testing.assert_close(out, step, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_wg_dp_stream_k_auto(dtype):

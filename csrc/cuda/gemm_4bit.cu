@@ -698,13 +698,14 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
 // UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
-template <typename T, int BN, bool UNIFORM, bool NESTED, bool SK, int STAGES = wg_stages(BN, SK)>
+template <typename T, int BN, int SCALES, bool NESTED, bool SK, int STAGES = wg_stages(BN, SK)>
 __global__ void __launch_bounds__(256, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WgCfg<BN, STAGES>;
   constexpr int S = C::kStages;
+  constexpr bool UNIFORM = SCALES >= 1, PACK = SCALES == 2;
   constexpr int NS = UNIFORM ? 2 : 4;  // scales per lane and tile
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (mma::smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -861,6 +862,36 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
     for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[q[j]], v[j], off) : v[j]);
   };
+  // PACK (blocksize 64, KT % 4 == 0; groups of 4 k tiles never straddle a share or a tile): the
+  // absmax of k tiles kt .. kt + 3 (kt % 4 == 0) of a row are the 4 bytes at row * KT + kt, one
+  // aligned 32-bit load, and they share one nested absmax (256 % 4 == 0); plain absmax: one 16-byte
+  // load. A group's values are loaded at the first step of the group before it.
+  uint32_t gq[2][2];  // [next, current][h]: 4 absmax codes
+  float4 gv[2][2];    // nested: .x only; plain: the 4 absmax
+  auto raw_group = [&](int j, int kt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      gq[0][h] = 0u;
+      gv[0][h] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (j < len) {
+        const uint32_t b = (ubase[h] >> 1) + static_cast<uint32_t>(kt);  // row * KT + kt
+        if constexpr (NESTED) {
+          gq[0][h] = __ldg(reinterpret_cast<const uint32_t*>(p.absmax.absmax_u8 + b));
+          gv[0][h].x = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+        } else {
+          gv[0][h] = __ldg(reinterpret_cast<const float4*>(p.absmax.absmax_f32 + b));
+        }
+      }
+    }
+  };
+  auto finish_group = [&](int i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float v = NESTED ? nested_absmax_value(code8[(gq[1][h] >> (8 * i)) & 0xFFu], gv[1][h].x, off)
+                             : (i == 0 ? gv[1][h].x : i == 1 ? gv[1][h].y : i == 2 ? gv[1][h].z : gv[1][h].w);
+      s2[h] = mma::splat2<T>(v);
+    }
+  };
 
   // Decode: lane c takes byte c of each packed word from the pair table (lookup_sel).
   const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
@@ -942,15 +973,33 @@ __global__ void __launch_bounds__(256, 1)
   if (tid == 0) {
     for (int s = 0; s < S - 2; ++s) produce(s, s);
   }
+  if constexpr (PACK) {
+    raw_group(0, kt0);
+  } else {
 #pragma unroll
-  for (int i = 0; i < LA; ++i) raw(i, kt0 + i, qv[i], vv[i]);
+    for (int i = 0; i < LA; ++i) raw(i, kt0 + i, qv[i], vv[i]);
+  }
   // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:
   // groups never straddle tiles, so the cursor moves to the next tile only between groups).
   int r_kt = kt0 + LA;
-  auto step = [&](int j, int kt_raw, uint32_t (&af)[4][4], uint32_t (&q)[NS], float (&v)[NS]) {
+  // Step i (0..3) of a group of 4: iteration j, whose scale set is i; kt_raw: the k tile of
+  // iteration j + LA (PACK: the group after this one starts there).
+  auto step = [&](int j, int kt_raw, uint32_t (&af)[4][4], int i) {
     if (tid == 0) produce(j + S - 2, wr_slot);  // into iteration j - 2's slot, once released
-    finish(q, v);
-    raw(j + LA, kt_raw, q, v);
+    if constexpr (PACK) {
+      if (i == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gq[1][h] = gq[0][h];
+          gv[1][h] = gv[0][h];
+        }
+        raw_group(j + LA, kt_raw);
+      }
+      finish_group(i);
+    } else {
+      finish(qv[i], vv[i]);
+      raw(j + LA, kt_raw, qv[i], vv[i]);
+    }
     wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
     phases ^= 1u << rd_slot;
     decode(rd_slot, af);
@@ -971,10 +1020,10 @@ __global__ void __launch_bounds__(256, 1)
       r_kt = next_tile(rc);
       set_ubase();
     }
-    step(j, r_kt, af0, qv[0], vv[0]);
-    step(j + 1, r_kt + 1, af1, qv[1], vv[1]);
-    step(j + 2, r_kt + 2, af0, qv[2], vv[2]);
-    step(j + 3, r_kt + 3, af1, qv[3], vv[3]);
+    step(j, r_kt, af0, 0);
+    step(j + 1, r_kt + 1, af1, 1);
+    step(j + 2, r_kt + 2, af0, 2);
+    step(j + 3, r_kt + 3, af1, 3);
     r_kt += 4;
     if constexpr (SK) {
       c_kt += 4;
@@ -985,9 +1034,9 @@ __global__ void __launch_bounds__(256, 1)
       }
     }
   }
-  if (j < len) step(j, r_kt, af0, qv[0], vv[0]);
-  if (j + 1 < len) step(j + 1, r_kt + 1, af1, qv[1], vv[1]);
-  if (j + 2 < len) step(j + 2, r_kt + 2, af0, qv[2], vv[2]);
+  if (j < len) step(j, r_kt, af0, 0);
+  if (j + 1 < len) step(j + 1, r_kt + 1, af1, 1);
+  if (j + 2 < len) step(j + 2, r_kt + 2, af0, 2);
   segment_end(cc.t, seg_head, end_tail);
 #else
   __trap();  // built without sm_90a code: the host launches it only on sm_90 (wg_ok)
@@ -1223,6 +1272,9 @@ bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
 // blocks per tile, as the tests want).
 template <typename T, int BN>
 void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t stream) {
+  // Scale mode: per 32-wide half (0), per row and tile (1), or per row and group of 4 tiles by one
+  // load (2: blocksize 64, KT % 4 == 0, the absmax arrays aligned for those loads). Experiment:
+  // NF4KIT_WG_SCALES=step keeps mode 1 at blocksize 64.
   using C = WgCfg<BN>;
   const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
   const int64_t tiles = m_tiles * n_tiles, KT = ceil_div(p.K, C::kBK), sms = sm_count();
@@ -1267,14 +1319,22 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
+  const char* sc_env = std::getenv("NF4KIT_WG_SCALES");
+  const bool pack = uniform && p.bs_shift == 6 && KT % 4 == 0 &&
+                    (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
+                            : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
+                    !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
   auto pick = [&](auto sk_tag) {
     constexpr bool SK = decltype(sk_tag)::value;
-    if (uniform) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, true, true, SK>, sk_tag);
-      else go(&gemm4_wg_kernel<T, BN, true, false, SK>, sk_tag);
+    if (pack) {
+      if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag);
+      else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag);
+    } else if (uniform) {
+      if (nested) go(&gemm4_wg_kernel<T, BN, 1, true, SK>, sk_tag);
+      else go(&gemm4_wg_kernel<T, BN, 1, false, SK>, sk_tag);
     } else {
-      if (nested) go(&gemm4_wg_kernel<T, BN, false, true, SK>, sk_tag);
-      else go(&gemm4_wg_kernel<T, BN, false, false, SK>, sk_tag);
+      if (nested) go(&gemm4_wg_kernel<T, BN, 0, true, SK>, sk_tag);
+      else go(&gemm4_wg_kernel<T, BN, 0, false, SK>, sk_tag);
     }
   };
   if (sk) pick(std::true_type{});
