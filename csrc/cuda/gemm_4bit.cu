@@ -697,7 +697,8 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // Thread (warp w, lane 4 g + c) of the block: W rows 64 (w / 4) + 16 (w % 4) + g + 8 h (h = 0, 1),
 // which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
-// UNIFORM (blocksize >= 64, K % 64 == 0): one absmax per row and tile; otherwise one per 32-wide half.
+// SCALES (launch_wg): 0 one absmax per 32-wide half; 1 (UNIFORM: blocksize >= 64, K % 64 == 0) one
+// per row and tile; 2 (PACK: also blocksize 64 and KT % 4 == 0) the same, loaded once per 4 tiles.
 template <typename T, int BN, int SCALES, bool NESTED, bool SK, int STAGES = wg_stages(BN, SK)>
 __global__ void __launch_bounds__(256, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
