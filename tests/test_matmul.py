@@ -87,6 +87,20 @@ def activations(shape, dtype, device, seed=1):
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
+def check_repeatable(path, cases, dtype, seed, what, device="cuda"):
+    """Each case (M, N, K, blocksize, nested, quant_type) through the forced path: within the
+    reference bound, and a second run equal bit for bit (the split paths add partial sums in a fixed
+    order). Inputs from seeds seed + i, seed + 10 + i, seed + 20 + i; a bias on every other case."""
+    for i, (M, N, K, bs, nested, qt) in enumerate(cases):
+        B, qs = quantized(N, K, bs, qt, nested, device, dtype, seed=seed + i)
+        A = activations((M, K), dtype, device, seed=seed + 10 + i)
+        bias = activations((N,), dtype, device, seed=seed + 20 + i) if i % 2 == 0 else None
+        with gemm_path(path):
+            ref = check_against_reference(A, B, qs, bias, f"{what} {dtype} M={M} N={N} K={K}")
+            again = F.matmul_4bit(A, B.t(), qs, bias=bias)
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every dtype x quant type x blocksize x nesting, on every device
 # ---------------------------------------------------------------------------------------------
@@ -196,15 +210,9 @@ def test_cuda_wg_stream_k(dtype):
     """The warpgroup kernel's stream-K grid (forced by wgsk on any K % 256 == 0): shares of 4 k tiles
     cut across tiles, so a tile's sums come from many blocks (up to 32 here); the owner adds them in
     block order, so two runs agree bit for bit, and the result is within the reference bound."""
-    for i, (M, N, K, bs, nested, qt) in enumerate(((70, 300, 2048, 64, True, "nf4"), (1, 129, 8192, 32, False, "fp4"),
-                                                  (257, 200, 768, 128, True, "fp4"), (16, 1000, 1024, 64, False, "nf4"))):
-        B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=20 + i)
-        A = activations((M, K), dtype, "cuda", seed=30 + i)
-        bias = activations((N,), dtype, "cuda", seed=40 + i) if i % 2 == 0 else None
-        with gemm_path("wgsk"):
-            ref = check_against_reference(A, B, qs, bias, f"wgsk {dtype} M={M} N={N} K={K}")
-            again = F.matmul_4bit(A, B.t(), qs, bias=bias)
-        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    cases = ((70, 300, 2048, 64, True, "nf4"), (1, 129, 8192, 32, False, "fp4"),
+             (257, 200, 768, 128, True, "fp4"), (16, 1000, 1024, 64, False, "nf4"))
+    check_repeatable("wgsk", cases, dtype, 20, "wgsk")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -214,15 +222,8 @@ def test_cuda_wg_dp_stream_k(dtype, grid, monkeypatch):
     """DP + SK (wgdp): whole tiles for the full waves of a grid forced small (NF4KIT_WG_GRID), then
     stream-K over the rest; tiles cross from the whole-tile phase into a share that starts mid-tile."""
     monkeypatch.setenv("NF4KIT_WG_GRID", grid)
-    for i, (M, N, K, bs, nested, qt) in enumerate(((70, 2600, 512, 64, True, "nf4"), (130, 1500, 768, 32, False, "fp4"),
-                                                  (300, 1100, 1024, 128, True, "nf4"))):
-        B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=50 + i)
-        A = activations((M, K), dtype, "cuda", seed=60 + i)
-        bias = activations((N,), dtype, "cuda", seed=70 + i) if i % 2 == 0 else None
-        with gemm_path("wgdp"):
-            ref = check_against_reference(A, B, qs, bias, f"wgdp grid={grid} {dtype} M={M} N={N} K={K}")
-            again = F.matmul_4bit(A, B.t(), qs, bias=bias)
-        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    cases = ((70, 2600, 512, 64, True, "nf4"), (130, 1500, 768, 32, False, "fp4"), (300, 1100, 1024, 128, True, "nf4"))
+    check_repeatable("wgdp", cases, dtype, 50, f"wgdp grid={grid}")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
