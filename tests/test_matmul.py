@@ -242,6 +242,22 @@ def test_cuda_wg_deep_ring(dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wg_sk_8_slots(dtype, monkeypatch):
+    """Experiment: stream-K at batch tile 128 with an 8-slot ring (NF4KIT_WG_SK_SLOTS=8): bit for bit
+    the 5-slot result (the same sums in the same order), within the reference bound."""
+    for i, (M, N, K, nested) in enumerate(((100, 300, 2048, True), (128, 131, 1024, False))):
+        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=110 + i)
+        A = activations((M, K), dtype, "cuda", seed=111 + i)
+        with gemm_path("wgsk"):
+            five = check_against_reference(A, B, qs, None, f"wgsk 5 slots {dtype} M={M} N={N} K={K}")
+            monkeypatch.setenv("NF4KIT_WG_SK_SLOTS", "8")
+            eight = check_against_reference(A, B, qs, None, f"wgsk 8 slots {dtype} M={M} N={N} K={K}")
+            monkeypatch.delenv("NF4KIT_WG_SK_SLOTS")
+        torch.testing.assert_close(eight, five, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk"])
 def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
     """Blocksize 64 with K % 256 == 0: the warpgroup kernel loads 4 k tiles' absmax at once. Those are

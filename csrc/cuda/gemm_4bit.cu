@@ -1328,8 +1328,22 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
+  // Experiment: stream-K at batch tile 128 with 8 slots too (NF4KIT_WG_SK_SLOTS=8; packed scales).
+  const char* sk8_env = std::getenv("NF4KIT_WG_SK_SLOTS");
+  const bool sk8 = BN == 128 && sk && pack && sk8_env != nullptr && !std::strcmp(sk8_env, "8");
   auto pick = [&](auto sk_tag) {
     constexpr bool SK = decltype(sk_tag)::value;
+    if constexpr (BN == 128 && SK) {
+      if (sk8) {
+        allow_smem(&gemm4_wg_kernel<T, BN, 2, true, true, 8>, WgCfg<BN, 8>::kSmem);
+        allow_smem(&gemm4_wg_kernel<T, BN, 2, false, true, 8>, WgCfg<BN, 8>::kSmem);
+        auto* kernel = nested ? &gemm4_wg_kernel<T, BN, 2, true, true, 8> : &gemm4_wg_kernel<T, BN, 2, false, true, 8>;
+        kernel<<<static_cast<unsigned>(grid), C::kThreads, WgCfg<BN, 8>::kSmem, stream>>>(
+            p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
+        NF4KIT_LAUNCH_CHECK();
+        return;
+      }
+    }
     if (pack) {
       if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag);
       else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag);
