@@ -293,18 +293,21 @@ def sanitize():
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
-             ("wgsk", 33, 129, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
+             ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)
+             ("wgsk", 33, 129, 512), ("wgsk", 100, 300, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
              ("wgdp:3", 70, 2500, 512), ("wgdp:5", 300, 1100, 1024),  # DP + SK on a grid of 3 / 5 blocks
+             ("wg+thread", 100, 300, 512), ("wgsk+thread", 128, 300, 1024),  # batch tile 128: thread 0 producing
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
         path, _, grid = path.partition(":")
+        path, _, producer = path.partition("+")
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid):
+            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid, NF4KIT_WG_PRODUCER=producer):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()

@@ -242,27 +242,12 @@ def test_cuda_wg_deep_ring(dtype):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_wg_sk_8_slots(dtype, monkeypatch):
-    """Experiment: stream-K at batch tile 128 with an 8-slot ring (NF4KIT_WG_SK_SLOTS=8): bit for bit
-    the 5-slot result (the same sums in the same order), within the reference bound."""
-    for i, (M, N, K, nested) in enumerate(((100, 300, 2048, True), (128, 131, 1024, False))):
-        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=110 + i)
-        A = activations((M, K), dtype, "cuda", seed=111 + i)
-        with gemm_path("wgsk"):
-            five = check_against_reference(A, B, qs, None, f"wgsk 5 slots {dtype} M={M} N={N} K={K}")
-            monkeypatch.setenv("NF4KIT_WG_SK_SLOTS", "8")
-            eight = check_against_reference(A, B, qs, None, f"wgsk 8 slots {dtype} M={M} N={N} K={K}")
-            monkeypatch.delenv("NF4KIT_WG_SK_SLOTS")
-        torch.testing.assert_close(eight, five, rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk"])
 def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
     """Blocksize 64 with K % 256 == 0: the warpgroup kernel loads 4 k tiles' absmax at once. Those are
     the same values the per-tile loads give, so the outputs agree bit for bit with the per-tile mode
-    (NF4KIT_WG_SCALES=step), nested and plain, batch tiles 64 / 128 / 256, odd N."""
+    (NF4KIT_WG_SCALES=step), nested and plain, batch tiles 64 / 128 / 256, odd N. With stream-K at
+    batch tile 128 this also compares the packed mode's 8-slot ring with the step mode's 5 slots."""
     for i, (M, N, K, nested) in enumerate(((40, 300, 1024, True), (100, 131, 2048, False), (300, 200, 768, True))):
         B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=100 + i)
         A = activations((M, K), dtype, "cuda", seed=101 + i)
@@ -272,6 +257,25 @@ def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
             step = F.matmul_4bit(A, B.t(), qs)
             monkeypatch.delenv("NF4KIT_WG_SCALES")
         torch.testing.assert_close(out, step, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])
+def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
+    """At batch tile 128 with the packed scales a ninth warp issues the copies, the whole ring ahead
+    (NF4KIT_WG_PRODUCER=thread: thread 0 of warp 0 between its own steps, as before). Same sums in
+    the same order, so bit for bit equal; partial tiles, nested and plain, one block per tile,
+    stream-K and DP + SK."""
+    for i, (M, N, K, nested) in enumerate(((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True))):
+        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=120 + i)
+        A = activations((M, K), dtype, "cuda", seed=121 + i)
+        with gemm_path(path):
+            out = check_against_reference(A, B, qs, None, f"{path} producer warp {dtype} M={M} N={N} K={K}")
+            monkeypatch.setenv("NF4KIT_WG_PRODUCER", "thread")
+            base = F.matmul_4bit(A, B.t(), qs)
+            monkeypatch.delenv("NF4KIT_WG_PRODUCER")
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")

@@ -3,13 +3,14 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
+//  * skinny (M <= 32, or 24 on long K: kWgFromM; fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
 //    block owns 32 rows of W and its 8 warps take turns over K; packed W reaches shared memory by
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
-//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 1024 for K >= 8192): wgmma with W decoded straight
-//    into the A registers, activations and packed W by TMA, mbarriers (gemm_4bit_wgmma.cuh); one
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 1024 for K >= 8192): wgmma with W decoded
+//    straight into the A registers, activations and packed W by TMA (issued by a producer warp at
+//    batch tile 128), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
 //    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
@@ -650,9 +651,13 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
 // Stages: 6 at batch tile 64 (two blocks per SM fit), 5 at 256 (the most that fit), 8 at 128 with
 // one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
 // waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
-// median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log); 5 for
-// stream-K at 128 (not measured with 8).
-constexpr int wg_stages(int bn, bool sk) { return bn == 64 ? 6 : bn == 128 && !sk ? 8 : 5; }
+// median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log), and 8 for
+// stream-K at 128 with the packed scales (SCALES 2; H100, ninth session, 5 interleaved rounds:
+// 14336x4096 at batch 96 / 128 0.0502 / 0.0508 -> 0.0492 / 0.0499 ms, h100/ab_paths_sk8.log);
+// stream-K with the other scale modes keeps 5.
+constexpr int wg_stages(int bn, bool sk, int scales = 2) {
+  return bn == 64 ? 6 : bn == 128 && (!sk || scales == 2) ? 8 : 5;
+}
 template <int BN, int STAGES = wg_stages(BN, false)>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
@@ -699,8 +704,10 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
 // SCALES (launch_wg): 0 one absmax per 32-wide half; 1 (UNIFORM: blocksize >= 64, K % 64 == 0) one
 // per row and tile; 2 (PACK: also blocksize 64 and KT % 4 == 0) the same, loaded once per 4 tiles.
-template <typename T, int BN, int SCALES, bool NESTED, bool SK, int STAGES = wg_stages(BN, SK)>
-__global__ void __launch_bounds__(256, 1)
+// PW: a ninth warp is the producer (the copies of every slot, the whole ring ahead); without it
+// thread 0 of warp 0 produces between its own steps, S - 2 slots ahead.
+template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
+__global__ void __launch_bounds__(PW ? 288 : 256, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -927,6 +934,11 @@ __global__ void __launch_bounds__(256, 1)
     wg::commit();
   };
 
+  // The 8 consumer warps only (with PW the producer warp has left the loop).
+  auto consumers_sync = [&]() {
+    if constexpr (PW) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    else __syncthreads();
+  };
   // The end of a segment of tile t: head = it began at k tile 0, tail = it ran to KT.
   // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
   auto segment_end = [&](int t, bool head, bool tail) {
@@ -937,7 +949,7 @@ __global__ void __launch_bounds__(256, 1)
       float* dst = split.partial + static_cast<int64_t>(blockIdx.x) * (BN / 2) * C::kThreads + tid;
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) __stcg(dst + i * C::kThreads, acc[i]);
-      __syncthreads();
+      consumers_sync();
       if (tid == 0) {
         __threadfence();
         atomicExch(split.flags + blockIdx.x, 1);
@@ -950,7 +962,7 @@ __global__ void __launch_bounds__(256, 1)
           if (tid == 0) {
             while (ld_acquire(split.flags + b) == 0) __nanosleep(100);
           }
-          __syncthreads();
+          consumers_sync();
           const float* src = split.partial + static_cast<int64_t>(b) * (BN / 2) * C::kThreads + tid;
 #pragma unroll
           for (int i = 0; i < BN / 2; ++i) acc[i] += __ldcg(src + i * C::kThreads);
@@ -968,10 +980,18 @@ __global__ void __launch_bounds__(256, 1)
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   };
 
+  if constexpr (PW) {
+    if (warp == 8) {  // the producer warp: every iteration into slot j % S, once its last use is released
+      if (lane == 0) {
+        for (int jj = 0, slot = 0; jj < len; ++jj, slot = slot + 1 == S ? 0 : slot + 1) produce(jj, slot);
+      }
+      return;
+    }
+  }
   uint32_t af0[4][4], af1[4][4];
   int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
   uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
-  if (tid == 0) {
+  if (!PW && tid == 0) {
     for (int s = 0; s < S - 2; ++s) produce(s, s);
   }
   if constexpr (PACK) {
@@ -986,7 +1006,7 @@ __global__ void __launch_bounds__(256, 1)
   // Step i (0..3) of a group of 4: iteration j, whose scale set is i; kt_raw: the k tile of
   // iteration j + LA (PACK: the group after this one starts there).
   auto step = [&](int j, int kt_raw, uint32_t (&af)[4][4], int i) {
-    if (tid == 0) produce(j + S - 2, wr_slot);  // into iteration j - 2's slot, once released
+    if (!PW && tid == 0) produce(j + S - 2, wr_slot);  // into iteration j - 2's slot, once released
     if constexpr (PACK) {
       if (i == 0) {
 #pragma unroll
@@ -1120,6 +1140,7 @@ PathChoice path_override() {
 // benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
+//                Since the ninth session 25..32 on long K go to the warpgroup kernel (kWgFromM).
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
@@ -1131,6 +1152,11 @@ PathChoice path_override() {
 //   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
+// From 25 rows on, with K >= 8192 and many row tiles, the warpgroup kernel (batch tile 64): H100,
+// ninth session, 8192x28672, 5 interleaved rounds, skinny vs warpgroup: batch 16 0.0837 vs 0.1028 ms,
+// 24 0.0970 vs 0.0994, 32 0.1030 vs 0.0953 (4096x14336 at 32, skinny, 0.0375 ms, and at 64, warpgroup,
+// 0.0376: no gain to take there).
+constexpr int64_t kWgFromM = 25;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 1024, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
@@ -1261,10 +1287,13 @@ bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
 // tiles at batch 256 / 512), wg vs wgdp, ms: run 1 (one after the other) 0.2386 vs 0.2215 and 0.4543
 // vs 0.4199; run 3 (median of 7 interleaved rounds) 0.2375 vs 0.2211 and 0.5113 vs 0.4295. Not at
 // batch 1024 (896 tiles: run 1 0.8852 vs 0.8592, but run 2 0.72 vs 0.80-0.83 and run 3 0.8731 vs
-// 0.9100), nor at batch tile 128 (0.1576 vs 0.1561), nor with KT = 64 (4096x14336 at 512: 0.1151
-// vs 0.1177: each split tile's fix-up weighs twice as much next to its work).
+// 0.9100; H100, ninth session, 5 interleaved rounds: 0.7664 vs 0.7941), nor with KT = 64 (4096x14336
+// at 512: 0.1151 vs 0.1177: each split tile's fix-up weighs twice as much next to its work). Batch
+// tile 128 too since the ninth session: 8192x28672 at 128 (224 tiles) gained a little in every
+// measurement, 0.1576 -> 0.1561 ms (H200, eighth session), 0.1424 -> 0.1401 (H100, thread 0
+// producing) and 0.1302 -> 0.1255 with the producer warp (h100/ab_paths_producer_warp.log).
 bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
-  return KT % 4 == 0 && bn == 256 && KT >= 128 && tiles > sms && tiles < 4 * sms && tiles % sms != 0;
+  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && tiles < 4 * sms && tiles % sms != 0;
 }
 
 // One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
@@ -1316,10 +1345,10 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
       p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-  auto go = [&](auto kernel, auto sk_tag) {
-    constexpr int smem = WgCfg<BN, wg_stages(BN, decltype(sk_tag)::value)>::kSmem;
+  auto go = [&](auto kernel, auto sk_tag, auto scales_tag, int threads = C::kThreads) {
+    constexpr int smem = WgCfg<BN, wg_stages(BN, decltype(sk_tag)::value, decltype(scales_tag)::value)>::kSmem;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(grid), C::kThreads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
@@ -1328,31 +1357,35 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
-  // Experiment: stream-K at batch tile 128 with 8 slots too (NF4KIT_WG_SK_SLOTS=8; packed scales).
-  const char* sk8_env = std::getenv("NF4KIT_WG_SK_SLOTS");
-  const bool sk8 = BN == 128 && sk && pack && sk8_env != nullptr && !std::strcmp(sk8_env, "8");
+  // A ninth warp as the producer at batch tile 128 with the packed scales (PW; H100, ninth session, 5
+  // interleaved rounds, thread 0 producing -> producer warp: 8192x28672 at batch 128 0.1424 -> 0.1302
+  // ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 / 0.0427 -> 0.0386 / 0.0388;
+  // 14336x4096 (stream-K) at 128 0.0503 -> 0.0465; benchmarks/results/h100/ab_paths_producer_warp.log).
+  // Not at batch tile 64 (two blocks per SM: 288 threads would not keep 128 registers) nor 256
+  // (up to 254 registers). Development aid: NF4KIT_WG_PRODUCER=thread keeps thread 0 producing.
+  const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
+  const bool pw = BN == 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
   auto pick = [&](auto sk_tag) {
     constexpr bool SK = decltype(sk_tag)::value;
-    if constexpr (BN == 128 && SK) {
-      if (sk8) {
-        allow_smem(&gemm4_wg_kernel<T, BN, 2, true, true, 8>, WgCfg<BN, 8>::kSmem);
-        allow_smem(&gemm4_wg_kernel<T, BN, 2, false, true, 8>, WgCfg<BN, 8>::kSmem);
-        auto* kernel = nested ? &gemm4_wg_kernel<T, BN, 2, true, true, 8> : &gemm4_wg_kernel<T, BN, 2, false, true, 8>;
-        kernel<<<static_cast<unsigned>(grid), C::kThreads, WgCfg<BN, 8>::kSmem, stream>>>(
-            p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
-        NF4KIT_LAUNCH_CHECK();
+    using S2 = std::integral_constant<int, 2>;
+    using S1 = std::integral_constant<int, 1>;
+    using S0 = std::integral_constant<int, 0>;
+    if constexpr (BN == 128) {
+      if (pw) {
+        if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK, true>, sk_tag, S2{}, C::kThreads + 32);
+        else go(&gemm4_wg_kernel<T, BN, 2, false, SK, true>, sk_tag, S2{}, C::kThreads + 32);
         return;
       }
     }
     if (pack) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag);
-      else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag);
+      if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag, S2{});
+      else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag, S2{});
     } else if (uniform) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 1, true, SK>, sk_tag);
-      else go(&gemm4_wg_kernel<T, BN, 1, false, SK>, sk_tag);
+      if (nested) go(&gemm4_wg_kernel<T, BN, 1, true, SK>, sk_tag, S1{});
+      else go(&gemm4_wg_kernel<T, BN, 1, false, SK>, sk_tag, S1{});
     } else {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 0, true, SK>, sk_tag);
-      else go(&gemm4_wg_kernel<T, BN, 0, false, SK>, sk_tag);
+      if (nested) go(&gemm4_wg_kernel<T, BN, 0, true, SK>, sk_tag, S0{});
+      else go(&gemm4_wg_kernel<T, BN, 0, false, SK>, sk_tag, S0{});
     }
   };
   if (sk) pick(std::true_type{});
@@ -1399,7 +1432,9 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
   if (path == Path::Auto) {
     const int64_t sms = sm_count(), wg_n = wg_tiles(a.M, a.N);
-    if (mma_ok && a.M <= kSkinnyAutoMaxM) path = Path::Skinny;
+    // 25..32 rows on long K with many row tiles: the warpgroup kernel (kWgFromM)
+    const bool wg_early = wg_ok && a.M >= kWgFromM && a.K >= kWgLongK && wg_n * 2 >= sms;
+    if (mma_ok && a.M <= kSkinnyAutoMaxM && !wg_early) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))
       path = Path::Warpgroup;
