@@ -297,10 +297,11 @@ def sanitize():
              ("wgsk", 33, 129, 512), ("wgsk", 100, 300, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
              ("wgdp:3", 70, 2500, 512), ("wgdp:5", 300, 1100, 1024),  # DP + SK on a grid of 3 / 5 blocks
              ("wg+thread", 100, 300, 512), ("wgsk+thread", 128, 300, 1024),  # batch tile 128: thread 0 producing
+             ("wgdp:3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
-        path, _, grid = path.partition(":")
         path, _, producer = path.partition("+")
+        path, _, grid = path.partition(":")
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)

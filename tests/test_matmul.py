@@ -264,13 +264,15 @@ def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
 @pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])
 def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
     """At batch tile 128 with the packed scales a ninth warp issues the copies, the whole ring ahead
-    (NF4KIT_WG_PRODUCER=thread: thread 0 of warp 0 between its own steps, as before). Same sums in
-    the same order, so bit for bit equal; partial tiles, nested and plain, one block per tile,
-    stream-K and DP + SK."""
-    for i, (M, N, K, nested) in enumerate(((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True))):
+    (the default; NF4KIT_WG_PRODUCER=warp names it); NF4KIT_WG_PRODUCER=thread
+    keeps thread 0 of warp 0 producing between its own steps. Same sums in the same order, so bit
+    for bit equal; partial tiles, nested and plain, one block per tile, stream-K and DP + SK."""
+    cases = ((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True))
+    for i, (M, N, K, nested) in enumerate(cases):
         B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=120 + i)
         A = activations((M, K), dtype, "cuda", seed=121 + i)
         with gemm_path(path):
+            monkeypatch.setenv("NF4KIT_WG_PRODUCER", "warp")
             out = check_against_reference(A, B, qs, None, f"{path} producer warp {dtype} M={M} N={N} K={K}")
             monkeypatch.setenv("NF4KIT_WG_PRODUCER", "thread")
             base = F.matmul_4bit(A, B.t(), qs)

@@ -1361,8 +1361,10 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   // interleaved rounds, thread 0 producing -> producer warp: 8192x28672 at batch 128 0.1424 -> 0.1302
   // ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 / 0.0427 -> 0.0386 / 0.0388;
   // 14336x4096 (stream-K) at 128 0.0503 -> 0.0465; benchmarks/results/h100/ab_paths_producer_warp.log).
-  // Not at batch tile 64 (two blocks per SM: 288 threads would not keep 128 registers) nor 256
-  // (up to 254 registers). Development aid: NF4KIT_WG_PRODUCER=thread keeps thread 0 producing.
+  // Not at batch tile 64 (two blocks per SM: 288 threads would not keep 128 registers) nor 256: at
+  // 288 threads ptxas allots 168 registers a thread (157-166 used at 128), and batch tile 256 needs
+  // up to 254 (compiled: 168 with up to 112 bytes of stack). Development aid: NF4KIT_WG_PRODUCER=thread
+  // keeps thread 0 producing.
   const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
   const bool pw = BN == 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
   auto pick = [&](auto sk_tag) {
