@@ -7,8 +7,9 @@
 // 16 rows) through the per-lane byte -> pair table, scaled by the block's absmax; the activations
 // are the B operand, BN batch rows x 64 k per tile in shared memory (K-major, 128-byte swizzle)
 // read by the tensor cores through a descriptor. No decoded W ever reaches shared memory. Block: 2
-// warpgroups x 64 W rows, BN batch rows; thread 0 loads each tile (activations and packed W) by TMA
-// into an S-slot ring, full/empty mbarriers per slot; per tile each warp waits for its tile,
+// warpgroups x 64 W rows, BN batch rows; a producer loads each tile (activations and packed W) by
+// TMA into an S-slot ring (a ninth warp at batch tile 128, thread 0 between its own steps at 64 and
+// 256), full/empty mbarriers per slot; per tile each warp waits for its tile,
 // decodes (overlapping the tensor cores' work on the previous tile), issues four wgmma (k16 each)
 // as one group, waits for the previous group and releases that tile's slot.
 #pragma once
