@@ -5,7 +5,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST     target archs (default "8.0;8.6;8.9;9.0"); 9.0 also gets sm_90a code
   CUDA_HOME                the CUDA toolkit (default /usr/local/cuda when it exists)
   MAX_JOBS                 parallel compile jobs (ninja)
-  NF4KIT_CUDA_SOURCES      development aid: comma-separated csrc/cuda file names to build (default all)
+  NF4KIT_CUDA_SOURCES      development aid: comma-separated csrc/cuda file names to build (default all;
+                           X.cu also brings its instantiation units X_*.cu)
 """
 import glob
 import os
@@ -80,7 +81,9 @@ if with_cuda:
     cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
     only = [f for f in os.environ.get("NF4KIT_CUDA_SOURCES", "").split(",") if f]
     if only:
-        cu = [p for p in cu if os.path.basename(p) in only]
+        # a file also brings its instantiation units (gemm_4bit.cu: gemm_4bit_wg64.cu, ...)
+        cu = [p for p in cu if any(os.path.basename(p) == f or os.path.basename(p).startswith(f[:-3] + "_")
+                                   for f in only)]
     sources += rel(cu)
     define_macros.append(("NF4KIT_WITH_CUDA", "1"))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",

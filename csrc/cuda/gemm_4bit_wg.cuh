@@ -1,0 +1,605 @@
+// The fused 4-bit matmul's warpgroup kernel (sm_90a) and its host launch, launch_wg<T, BN>: the
+// kernel is described below and its wgmma pipeline in gemm_4bit_wgmma.cuh; the dispatch that calls
+// it is gemm_4bit_cuda in gemm_4bit.cu. Compiled in three units, one per batch tile
+// (gemm_4bit_wg64/128/256.cu, NF4KIT_WG_INSTANTIATE), so that a build compiles them in parallel; its
+// 72 kernel instantiations were 83% of gemm_4bit.cu's SASS when they lived there.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "gemm_4bit_common.cuh"
+#include "gemm_4bit_wgmma.cuh"
+
+namespace nf4kit {
+namespace cuda {
+namespace gemm4 {
+
+// =============================================================================================
+// Warpgroup kernel (sm_90a; the wgmma pipeline is described in gemm_4bit_wgmma.cuh)
+// =============================================================================================
+// Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
+// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8.
+// Stages: 6 at batch tile 64 (two blocks per SM fit), 5 at 256 (the most that fit), 8 at 128 with
+// one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
+// waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
+// median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log), and 8 for
+// stream-K at 128 with the packed scales (SCALES 2; H100, ninth session, 5 interleaved rounds:
+// 14336x4096 at batch 96 / 128 0.0502 / 0.0508 -> 0.0492 / 0.0499 ms, h100/ab_paths_sk8.log);
+// stream-K with the other scale modes keeps 5.
+constexpr int wg_stages(int bn, bool sk, int scales = 2) {
+  return bn == 64 ? 6 : bn == 128 && (!sk || scales == 2) ? 8 : 5;
+}
+template <int BN, int STAGES = wg_stages(BN, false)>
+struct WgCfg {
+  static constexpr int kRows = 128, kBK = 64, kThreads = 256;
+  static constexpr int kStages = STAGES;
+  static constexpr int kAStage = BN * 128;
+  static constexpr int kWStage = kRows * 32;
+  static constexpr int kWOff = kStages * kAStage;
+  static constexpr int kTabOff = kWOff + kStages * kWStage;
+  static constexpr int kCode8Off = kTabOff + mma::kPairTableBytes;
+  static constexpr int kBarOff = kCode8Off + 1024;
+  static constexpr int kSmem = kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
+  static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
+  static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
+};
+
+// Stream-K (SK): where whole tiles leave SMs idle (14336x4096 at batch 64: 32 tiles of 128 rows on
+// 132 SMs; the dispatch uses it only there, see wg_stream_k_pays) a resident grid of G <= #SM blocks
+// takes even shares of all (tile, k tile) iterations, in units of 4 k tiles (KT % 4 == 0), and runs
+// one pipeline (copies, scales, decode, wgmma) through its whole share. A share is a run of segments:
+// a tile's tail (the first, if the share starts inside a tile), whole tiles, a tile's head (the
+// last). A whole tile is stored as always; a block whose share starts inside a tile stores that
+// segment's float32 sums in its slot of `partial` and raises its flag; the block holding the tile's
+// head (k tile 0) ends its share there, waits for the flags of the blocks after it that hold the
+// rest of the tile, adds their sums in block order (so the result is deterministic) and stores.
+// Those blocks reach their flag at the start of their shares, and the grid is resident, so the wait
+// is short and cannot deadlock. Without SK a block's share is one whole tile (blockIdx.x's).
+// DP + SK (where the tiles are many but not a whole number of waves, wg_dp_stream_k_pays): each
+// block first takes dp whole tiles (b, b + G, ...), all blocks on the same k tile at a time as with
+// one block per tile, and only the tiles past dp * G are split.
+struct WgSplit {
+  float* partial = nullptr;  // [G][BN / 2][256] float32 (SK)
+  int* flags = nullptr;      // [G], zero at launch (SK)
+  int64_t units = 0;         // (tiles - dp * G) * KT / 4 (SK)
+  int dp = 0;                // whole tiles per block before its stream-K share (SK)
+};
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Thread (warp w, lane 4 g + c) of the block: W rows 64 (w / 4) + 16 (w % 4) + g + 8 h (h = 0, 1),
+// which are its rows of the m64 A fragments; lane c takes byte c of each packed word (k 2c, 2c + 1
+// of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
+// SCALES (launch_wg): 0 one absmax per 32-wide half; 1 (UNIFORM: blocksize >= 64, K % 64 == 0) one
+// per row and tile; 2 (PACK: also blocksize 64 and KT % 4 == 0) the same, loaded once per 4 tiles.
+// PW: a ninth warp is the producer (the copies of every slot, the whole ring ahead); without it
+// thread 0 of warp 0 produces between its own steps, S - 2 slots ahead.
+template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
+__global__ void __launch_bounds__(PW ? 288 : 256, 1)
+    gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                    const int m_tiles, const int n_tiles, const WgSplit split) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WgCfg<BN, STAGES>;
+  constexpr int S = C::kStages;
+  constexpr bool UNIFORM = SCALES >= 1, PACK = SCALES == 2;
+  constexpr int NS = UNIFORM ? 2 : 4;  // scales per lane and tile
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (mma::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint32_t* tab = reinterpret_cast<uint32_t*>(smem + C::kTabOff);
+  float* code8 = reinterpret_cast<float*>(smem + C::kCode8Off);
+  // full[s] (bar0 + 8 s): the tile in slot s landed (one arrival, the producer's, plus the copies'
+  // bytes); empty[s] (bar0 + 8 (S + s)): all 8 warps are done with it (their wgmma group included).
+  const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);
+  auto full_bar = [&](int s) { return bar0 + 8u * s; };
+  auto empty_bar = [&](int s) { return bar0 + 8u * (S + s); };
+  mma::build_pair_table<T>(tab, p.code);
+  const float off = stage_nested(p.absmax, code8);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      wg::mbar_init(full_bar(s), 1);
+      wg::mbar_init(empty_bar(s), C::kThreads / 32);
+    }
+    wg::mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int64_t N = p.N, K = p.K;
+  const int KT = static_cast<int>((K + C::kBK - 1) / C::kBK);
+  const uint32_t a_base = mma::smem_addr(smem), w_base = a_base + C::kWOff;
+  // Tile t -> its batch rows m0 and W rows n0: groups of kGroupM batch tiles walk the W tiles
+  // together, so a W tile is read from DRAM once per group. Walk: the same order one tile at a
+  // time, with no division (the loop's cursors cross tiles with it).
+  struct Walk {
+    int first_m, gm, mi, ni;
+  };
+  auto walk_at = [&](int t) {
+    const int group = t / (C::kGroupM * n_tiles), first_m = group * C::kGroupM;
+    const int gm = min(C::kGroupM, m_tiles - first_m), local = t - group * C::kGroupM * n_tiles;
+    return Walk{first_m, gm, local % gm, local / gm};
+  };
+  auto walk_next = [&](Walk& w) {
+    if (++w.mi == w.gm) {
+      w.mi = 0;
+      if (++w.ni == n_tiles) {
+        w.ni = 0;
+        w.first_m += C::kGroupM;
+        w.gm = min(C::kGroupM, m_tiles - w.first_m);
+      }
+    }
+  };
+  auto m0_of = [&](const Walk& w) { return (w.first_m + w.mi) * BN; };
+  auto n0_of = [&](const Walk& w) { return w.ni * C::kRows; };
+  // This block's work: SK: split.dp whole tiles (blockIdx.x + i G), then its share [sk_begin,
+  // sk_begin + sk_len) of the iterations (tile - dp G) * KT + k tile of the tiles past dp G;
+  // otherwise tile blockIdx.x. len iterations in all.
+  const int G = gridDim.x, tail0 = split.dp * G;
+  int len, tile0, kt0, sk_tile = 0, sk_kt = 0;
+  bool end_tail = true;  // the last segment runs to its tile's end
+  if constexpr (SK) {
+    const int64_t sk_begin = 4 * (split.units * blockIdx.x / G);
+    const int sk_len = static_cast<int>(4 * (split.units * (blockIdx.x + 1) / G) - sk_begin);
+    sk_tile = tail0 + static_cast<int>(sk_begin / KT);
+    sk_kt = static_cast<int>(sk_begin % KT);
+    len = split.dp * KT + sk_len;
+    tile0 = split.dp > 0 ? static_cast<int>(blockIdx.x) : sk_tile;
+    kt0 = split.dp > 0 ? 0 : sk_kt;
+    if (sk_len > 0) end_tail = (sk_begin + sk_len) % KT == 0;
+  } else {
+    len = KT;
+    tile0 = blockIdx.x;
+    kt0 = 0;
+  }
+
+  // A cursor's tile (SK): whole tiles blockIdx.x + i G while dp_left > 0, then the stream-K tiles
+  // in order; next_tile returns the k tile the next one starts at (sk_kt where the share starts).
+  struct Cur {
+    Walk w;
+    int t, dp_left;
+  };
+  auto cur_at = [&]() { return Cur{walk_at(tile0), tile0, split.dp}; };
+  auto next_tile = [&](Cur& cu) {
+    if (cu.dp_left > 1) {
+      --cu.dp_left;
+      cu.t += G;
+      cu.w = walk_at(cu.t);
+      return 0;
+    }
+    if (cu.dp_left == 1) {
+      cu.dp_left = 0;
+      cu.t = sk_tile;
+      cu.w = walk_at(cu.t);
+      return sk_kt;
+    }
+    ++cu.t;
+    walk_next(cu.w);
+    return 0;
+  };
+
+  // Copies (thread 0, the producer): the activation tile and the packed-W tile by TMA into slot
+  // j % S, both completing on full[slot]; rows past M or N and k past K arrive as zeros, the
+  // activations with the 128-byte swizzle the descriptor expects. A slot is refilled once all warps
+  // released its previous tile (empty[slot]); no block-wide barrier in the loop.
+  uint32_t empty_phases = 0;  // producer: bit s = parity of empty[s]'s next completion
+  Cur pc = cur_at();
+  int p_kt = kt0;
+  auto produce = [&](int j, int slot) {
+    if (j < len) {
+      if (j >= S) {
+        wg::mbar_wait(empty_bar(slot), (empty_phases >> slot) & 1u);
+        empty_phases ^= 1u << slot;
+      }
+      wg::mbar_expect_tx(full_bar(slot), C::kAStage + C::kWStage);
+      wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, p_kt * C::kBK, m0_of(pc.w), full_bar(slot));
+      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pc.w), full_bar(slot));
+      if (++p_kt == KT && SK) p_kt = next_tile(pc);
+    }
+  };
+
+  // Scales of this lane's rows, raw values loaded kLookahead tiles ahead (in as many register sets:
+  // a tile's step is short next to a DRAM round trip). Indices in 32-wide units of the flattened
+  // weight (K % 32 == 0, blocksize >= 32; the host keeps N * K / 32 below 2^32): unit u of a row
+  // starting at unit base lies in block (base + u) >> (log2(blocksize) - 5).
+  const int wrow = 64 * (warp >> 2) + 16 * (warp & 3) + g;  // row h = 0 within the block's 128
+  uint32_t ubase[2];
+  Cur rc = cur_at();
+  auto set_ubase = [&]() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ubase[h] = static_cast<uint32_t>((std::min<int64_t>(n0_of(rc.w) + wrow + 8 * h, N - 1) * K) >> 5);
+      asm volatile("" : "+r"(ubase[h]));  // kept in a register, not recomputed from 64-bit math every step
+    }
+  };
+  set_ubase();
+  const int ushift = p.bs_shift - 5, KU = static_cast<int>(K >> 5);
+  constexpr int LA = C::kLookahead;
+  uint32_t qv[LA][NS];
+  float vv[LA][NS];
+  // Iteration j (k tile kt of the tile whose rows ubase holds); zeros past the share.
+  auto raw = [&](int j, int kt, uint32_t (&q)[NS], float (&v)[NS]) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int h = UNIFORM ? i : (i >> 1), u = 2 * kt + (UNIFORM ? 0 : (i & 1));
+      q[i] = 0u;
+      v[i] = 0.0f;
+      if (j < len && u < KU) {
+        const uint32_t b = (ubase[h] + static_cast<uint32_t>(u)) >> ushift;
+        if constexpr (NESTED) {
+          q[i] = __ldg(p.absmax.absmax_u8 + b);
+          v[i] = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+        } else {
+          v[i] = __ldg(p.absmax.absmax_f32 + b);
+        }
+      }
+    }
+  };
+  uint32_t s2[NS];
+  auto finish = [&](const uint32_t (&q)[NS], const float (&v)[NS]) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[q[j]], v[j], off) : v[j]);
+  };
+  // PACK (blocksize 64, KT % 4 == 0; groups of 4 k tiles never straddle a share or a tile): the
+  // absmax of k tiles kt .. kt + 3 (kt % 4 == 0) of a row are the 4 bytes at row * KT + kt, one
+  // aligned 32-bit load, and they share one nested absmax (256 % 4 == 0); plain absmax: one 16-byte
+  // load. A group's values are loaded at the first step of the group before it.
+  uint32_t gq[2][2];  // [next, current][h]: 4 absmax codes
+  float4 gv[2][2];    // nested: .x only; plain: the 4 absmax
+  auto raw_group = [&](int j, int kt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      gq[0][h] = 0u;
+      gv[0][h] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (j < len) {
+        const uint32_t b = (ubase[h] >> 1) + static_cast<uint32_t>(kt);  // row * KT + kt
+        if constexpr (NESTED) {
+          gq[0][h] = __ldg(reinterpret_cast<const uint32_t*>(p.absmax.absmax_u8 + b));
+          gv[0][h].x = __ldg(p.absmax.nested_absmax + (b >> p.absmax.nested_shift));
+        } else {
+          gv[0][h] = __ldg(reinterpret_cast<const float4*>(p.absmax.absmax_f32 + b));
+        }
+      }
+    }
+  };
+  auto finish_group = [&](int i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float v = NESTED ? nested_absmax_value(code8[(gq[1][h] >> (8 * i)) & 0xFFu], gv[1][h].x, off)
+                             : (i == 0 ? gv[1][h].x : i == 1 ? gv[1][h].y : i == 2 ? gv[1][h].z : gv[1][h].w);
+      s2[h] = mma::splat2<T>(v);
+    }
+  };
+
+  // Decode: lane c takes byte c of each packed word from the pair table (lookup_sel).
+  const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
+  auto look = [&](uint32_t w) { return lookup_sel(tab_base, lane8, sel, w); };
+  const uint32_t w_rd = w_base + wrow * 32;
+  auto decode = [&](int slot, uint32_t (&a)[4][4]) {
+    uint4 w[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(w[h][q].x), "=r"(w[h][q].y), "=r"(w[h][q].z), "=r"(w[h][q].w)
+                     : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * q));
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t sa = s2[UNIFORM ? 0 : (kk >> 1)], sb = s2[UNIFORM ? 1 : 2 + (kk >> 1)];
+      a[kk][0] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1))), sa);
+      a[kk][1] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1))), sb);
+      a[kk][2] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1) + 1)), sa);
+      a[kk][3] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1) + 1)), sb);
+    }
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  auto compute = [&](int slot, const uint32_t (&a)[4][4]) {
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs<T, BN>(acc, a[kk], wg::desc_k_sw128(a_base + slot * C::kAStage + 32 * kk));
+    wg::commit();
+  };
+
+  // The 8 consumer warps only (with PW the producer warp has left the loop).
+  auto consumers_sync = [&]() {
+    if constexpr (PW) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    else __syncthreads();
+  };
+  // The end of a segment of tile t: head = it began at k tile 0, tail = it ran to KT.
+  // acc[4 j + e]: W row wrow + 8 (e / 2), batch row 8 j + 2 c + e % 2.
+  auto segment_end = [&](int t, bool head, bool tail) {
+    wg::wait<0>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+    if (SK && !head) {  // the rest of a tile whose head another block holds: leave the sums to it
+      float* dst = split.partial + static_cast<int64_t>(blockIdx.x) * (BN / 2) * C::kThreads + tid;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) __stcg(dst + i * C::kThreads, acc[i]);
+      consumers_sync();
+      if (tid == 0) {
+        __threadfence();
+        atomicExch(split.flags + blockIdx.x, 1);
+      }
+    } else {
+      if (SK && !tail) {  // the head: add the sums of the blocks holding the rest, in block order
+        const int64_t last_unit = (static_cast<int64_t>(t - tail0 + 1) * KT) / 4 - 1;
+        const int last = static_cast<int>(((last_unit + 1) * G + split.units - 1) / split.units - 1);
+        for (int b = blockIdx.x + 1; b <= last; ++b) {
+          if (tid == 0) {
+            while (ld_acquire(split.flags + b) == 0) __nanosleep(100);
+          }
+          consumers_sync();
+          const float* src = split.partial + static_cast<int64_t>(b) * (BN / 2) * C::kThreads + tid;
+#pragma unroll
+          for (int i = 0; i < BN / 2; ++i) acc[i] += __ldcg(src + i * C::kThreads);
+        }
+      }
+      const Walk w = walk_at(t);
+      const int m0 = m0_of(w), n0 = n0_of(w);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          store_out<T>(p, m0 + 8 * j + 2 * c + (e & 1), n0 + wrow + 8 * (e >> 1), acc[4 * j + e]);
+    }
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  };
+
+  if constexpr (PW) {
+    if (warp == 8) {  // the producer warp: every iteration into slot j % S, once its last use is released
+      if (lane == 0) {
+        for (int jj = 0, slot = 0; jj < len; ++jj, slot = slot + 1 == S ? 0 : slot + 1) produce(jj, slot);
+      }
+      return;
+    }
+  }
+  uint32_t af0[4][4], af1[4][4];
+  int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
+  uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
+  if (!PW && tid == 0) {
+    for (int s = 0; s < S - 2; ++s) produce(s, s);
+  }
+  if constexpr (PACK) {
+    raw_group(0, kt0);
+  } else {
+#pragma unroll
+    for (int i = 0; i < LA; ++i) raw(i, kt0 + i, qv[i], vv[i]);
+  }
+  // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:
+  // groups never straddle tiles, so the cursor moves to the next tile only between groups).
+  int r_kt = kt0 + LA;
+  // Step i (0..3) of a group of 4: iteration j, whose scale set is i; kt_raw: the k tile of
+  // iteration j + LA (PACK: the group after this one starts there).
+  auto step = [&](int j, int kt_raw, uint32_t (&af)[4][4], int i) {
+    if (!PW && tid == 0) produce(j + S - 2, wr_slot);  // into iteration j - 2's slot, once released
+    if constexpr (PACK) {
+      if (i == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gq[1][h] = gq[0][h];
+          gv[1][h] = gv[0][h];
+        }
+        raw_group(j + LA, kt_raw);
+      }
+      finish_group(i);
+    } else {
+      finish(qv[i], vv[i]);
+      raw(j + LA, kt_raw, qv[i], vv[i]);
+    }
+    wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
+    phases ^= 1u << rd_slot;
+    decode(rd_slot, af);
+    compute(rd_slot, af);
+    wg::wait<1>();  // group j - 1 done: its A registers are free and the warp is done with its slot
+    if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+    prev_slot = rd_slot;
+    rd_slot = rd_slot + 1 == S ? 0 : rd_slot + 1;
+    wr_slot = wr_slot + 1 == S ? 0 : wr_slot + 1;
+  };
+  static_assert(LA == 4, "the loop below is unrolled for 4 scale sets");
+  // SK: shares and tiles start at multiples of 4 k tiles, so segments end only between groups of 4.
+  int j = 0, c_kt = kt0;
+  Cur cc = cur_at();
+  bool seg_head = kt0 == 0;
+  for (; j + 3 < len; j += 4) {
+    if (SK && r_kt == KT) {
+      r_kt = next_tile(rc);
+      set_ubase();
+    }
+    step(j, r_kt, af0, 0);
+    step(j + 1, r_kt + 1, af1, 1);
+    step(j + 2, r_kt + 2, af0, 2);
+    step(j + 3, r_kt + 3, af1, 3);
+    r_kt += 4;
+    if constexpr (SK) {
+      c_kt += 4;
+      if (c_kt == KT && j + 4 < len) {
+        segment_end(cc.t, seg_head, true);
+        c_kt = next_tile(cc);
+        seg_head = c_kt == 0;
+      }
+    }
+  }
+  if (j < len) step(j, r_kt, af0, 0);
+  if (j + 1 < len) step(j + 1, r_kt + 1, af1, 1);
+  if (j + 2 < len) step(j + 2, r_kt + 2, af0, 2);
+  segment_end(cc.t, seg_head, end_tail);
+#else
+  __trap();  // built without sm_90a code: the host launches it only on sm_90 (wg_ok)
+#endif
+}
+
+// 2-D TMA descriptors (cuTensorMapEncodeTiled, from the driver through the runtime: no -lcuda):
+// activations A [M, K] of T in boxes of box_rows x 64 k with the 128-byte swizzle; packed W [N, K / 2]
+// bytes in boxes of 128 rows x 32 bytes. Zeros out of bounds.
+inline CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, uint64_t inner, uint64_t rows, uint64_t row_bytes,
+                          uint32_t box_inner, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(fn != nullptr && q == cudaDriverEntryPointSuccess, "gemm_4bit: cuTensorMapEncodeTiled not found");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {inner, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "gemm_4bit: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return map;
+}
+
+inline int64_t wg_tile_n(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }  // the batch tile by batch
+inline int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, wg_tile_n(M)); }
+// Stream-K where it measured faster (H200, benchmarks/results/h200/wgsk_probe.log and the seventh
+// session's bench runs): only where whole tiles would keep fewer than half the SMs busy (shapes that
+// went to dequantize + cuBLAS before: N = 4096, 32-64 tiles), with shares of at least 16 k tiles
+// (BN 64, 128) or 48 (BN 256): 14336x4096 at batch 64/128/256/512 0.044/0.052/0.070/0.116 ms vs
+// 0.085/0.086/0.095/0.128 for dequantize + cuBLAS, the same in three runs. 4096x4096 (shares of
+// 15.5 k tiles at batch 64 and 128) measured 0.024, 0.030 and 0.036 ms at batch 64 in three runs
+// (dequantize + cuBLAS 0.026-0.036): too unsteady to choose, so it keeps dequantize + cuBLAS. With
+// more tiles stream-K was no faster (8192x28672 at batch 128: 0.155 vs 0.157 ms) or slower (at 64:
+// 0.126 vs 0.106 ms; 4096x14336, 112 tiles, at 64-512), a loss per k tile not understood yet.
+// tiles of batch tile bn, KT 64-wide k tiles.
+inline bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
+  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (bn == 256 ? 48 : 16);
+}
+// DP + SK (whole tiles for the full waves, stream-K over the last partial one) where it measured
+// faster (H200, eighth session, benchmarks/results/h200/experiments/): batch tile 256, long rows (KT
+// >= 128), between one and four waves of tiles, not a whole number of them. 8192x28672 (224 / 448
+// tiles at batch 256 / 512), wg vs wgdp, ms: run 1 (one after the other) 0.2386 vs 0.2215 and 0.4543
+// vs 0.4199; run 3 (median of 7 interleaved rounds) 0.2375 vs 0.2211 and 0.5113 vs 0.4295. Not at
+// batch 1024 (896 tiles: run 1 0.8852 vs 0.8592, but run 2 0.72 vs 0.80-0.83 and run 3 0.8731 vs
+// 0.9100; H100, ninth session, 5 interleaved rounds: 0.7664 vs 0.7941), nor with KT = 64 (4096x14336
+// at 512: 0.1151 vs 0.1177: each split tile's fix-up weighs twice as much next to its work). Batch
+// tile 128 too since the ninth session: 8192x28672 at 128 (224 tiles) gained a little in every
+// measurement, 0.1576 -> 0.1561 ms (H200, eighth session), 0.1424 -> 0.1401 (H100, thread 0
+// producing) and 0.1302 -> 0.1255 with the producer warp (h100/ab_paths_producer_warp.log).
+inline bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
+  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && tiles < 4 * sms && tiles % sms != 0;
+}
+
+// One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
+// -1 chooses, 0 one block per tile, 1 stream-K, 2 DP + SK (the dev switch NF4KIT_GEMM_PATH = wg, wgsk,
+// wgdp forces them on any shape they can take: K % 256 == 0 for the split ones; tiny shares, many
+// blocks per tile, as the tests want).
+template <typename T, int BN>
+void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t stream) {
+  // Scale mode: per 32-wide half (0), per row and tile (1), or per row and group of 4 tiles by one
+  // load (2: blocksize 64, KT % 4 == 0, the absmax arrays aligned for those loads; ~25 fewer
+  // instructions a step; H100, eighth session, 5 interleaved rounds: 8192x28672 at batch 64 / 128 /
+  // 256 0.1062 / 0.1523 / 0.2186 -> 0.0959 / 0.1409 / 0.2077 ms, 4096x14336 at 64 / 128 0.0408 /
+  // 0.0440 -> 0.0383 / 0.0407, benchmarks/results/h100/packed_scales.log). Development aid:
+  // NF4KIT_WG_SCALES=step keeps mode 1 at blocksize 64 (the tests compare the two bit for bit).
+  using C = WgCfg<BN>;
+  const int64_t m_tiles = ceil_div(p.M, BN), n_tiles = ceil_div(p.N, C::kRows);
+  const int64_t tiles = m_tiles * n_tiles, KT = ceil_div(p.K, C::kBK), sms = sm_count();
+  const bool nested = p.absmax.absmax_f32 == nullptr;
+  int mode = 0;  // as split_mode, chosen
+  if (KT % 4 == 0)
+    mode = split_mode >= 0                              ? split_mode
+           : wg_stream_k_pays(tiles, KT, BN, sms)    ? 1
+           : wg_dp_stream_k_pays(tiles, KT, BN, sms) ? 2
+                                                     : 0;
+  const bool sk = mode > 0;
+  WgSplit split;
+  at::Tensor partial, flags;
+  int64_t grid = tiles;
+  if (sk) {
+    split.units = tiles * KT / 4;
+    const char* g_env = std::getenv("NF4KIT_WG_GRID");  // development aid: fewer blocks, to test DP + SK small
+    const int64_t g_max = g_env != nullptr && *g_env ? std::max(1, std::atoi(g_env)) : sms;
+    grid = std::min<int64_t>(g_max, split.units);
+    if (mode == 2) {  // DP + SK: whole tiles for all full waves, stream-K for the rest
+      int64_t dp = tiles / grid;
+      // every block needs a non-empty share of the rest (or none at all: the rest is empty)
+      while (dp > 0 && tiles > dp * grid && (tiles - dp * grid) * KT / 4 < grid) --dp;
+      split.dp = static_cast<int>(dp);
+      split.units = (tiles - dp * grid) * KT / 4;
+    }
+    const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
+    partial = at::empty({grid * (BN / 2) * C::kThreads}, opts.dtype(at::kFloat));
+    flags = at::zeros({grid}, opts.dtype(at::kInt));
+    split.partial = partial.data_ptr<float>();
+    split.flags = flags.data_ptr<int>();
+  }
+  const CUtensorMap a_map = tensor_map_2d(
+      p.A, std::is_same_v<T, at::Half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, p.K, p.M,
+      p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
+                                          C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+  auto go = [&](auto kernel, auto sk_tag, auto scales_tag, int threads = C::kThreads) {
+    constexpr int smem = WgCfg<BN, wg_stages(BN, decltype(sk_tag)::value, decltype(scales_tag)::value)>::kSmem;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
+        p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
+    NF4KIT_LAUNCH_CHECK();
+  };
+  const char* sc_env = std::getenv("NF4KIT_WG_SCALES");
+  const bool pack = uniform && p.bs_shift == 6 && KT % 4 == 0 &&
+                    (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
+                            : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
+                    !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
+  // A ninth warp as the producer at batch tile 128 with the packed scales (PW; H100, ninth session, 5
+  // interleaved rounds, thread 0 producing -> producer warp: 8192x28672 at batch 128 0.1424 -> 0.1302
+  // ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 / 0.0427 -> 0.0386 / 0.0388;
+  // 14336x4096 (stream-K) at 128 0.0503 -> 0.0465; benchmarks/results/h100/ab_paths_producer_warp.log).
+  // Not at batch tile 64 (two blocks per SM: 288 threads would not keep 128 registers) nor 256: at
+  // 288 threads ptxas allots 168 registers a thread (157-166 used at 128), and batch tile 256 needs
+  // up to 254 (compiled: 168 with up to 112 bytes of stack). Development aid: NF4KIT_WG_PRODUCER=thread
+  // keeps thread 0 producing.
+  const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
+  const bool pw = BN == 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
+  auto pick = [&](auto sk_tag) {
+    constexpr bool SK = decltype(sk_tag)::value;
+    using S2 = std::integral_constant<int, 2>;
+    using S1 = std::integral_constant<int, 1>;
+    using S0 = std::integral_constant<int, 0>;
+    if constexpr (BN == 128) {
+      if (pw) {
+        if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK, true>, sk_tag, S2{}, C::kThreads + 32);
+        else go(&gemm4_wg_kernel<T, BN, 2, false, SK, true>, sk_tag, S2{}, C::kThreads + 32);
+        return;
+      }
+    }
+    if (pack) {
+      if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag, S2{});
+      else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag, S2{});
+    } else if (uniform) {
+      if (nested) go(&gemm4_wg_kernel<T, BN, 1, true, SK>, sk_tag, S1{});
+      else go(&gemm4_wg_kernel<T, BN, 1, false, SK>, sk_tag, S1{});
+    } else {
+      if (nested) go(&gemm4_wg_kernel<T, BN, 0, true, SK>, sk_tag, S0{});
+      else go(&gemm4_wg_kernel<T, BN, 0, false, SK>, sk_tag, S0{});
+    }
+  };
+  if (sk) pick(std::true_type{});
+  else pick(std::false_type{});
+}
+
+// Explicit instantiation (in gemm_4bit_wg<BN>.cu) and its extern declaration (in gemm_4bit.cu).
+#define NF4KIT_WG_LAUNCH(PREFIX, BN)                                                         \
+  PREFIX template void launch_wg<at::Half, BN>(const GemmParams&, bool, int, cudaStream_t); \
+  PREFIX template void launch_wg<at::BFloat16, BN>(const GemmParams&, bool, int, cudaStream_t);
+#define NF4KIT_WG_INSTANTIATE(BN) NF4KIT_WG_LAUNCH(, BN)
+#define NF4KIT_WG_EXTERN(BN) NF4KIT_WG_LAUNCH(extern, BN)
+
+}  // namespace gemm4
+}  // namespace cuda
+}  // namespace nf4kit
