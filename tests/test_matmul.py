@@ -101,6 +101,23 @@ def check_repeatable(path, cases, dtype, seed, what, device="cuda"):
         torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
+def check_switch_identical(monkeypatch, path, cases, dtype, seed, var, value, other, what, device="cuda"):
+    """Each case (M, N, K, nested; NF4, blocksize 64) through the forced path with the development
+    variable var set to value (None: unset), within the reference bound, and bit for bit the result
+    with var set to other. Inputs from seeds seed + i and seed + 1 + i."""
+    for i, (M, N, K, nested) in enumerate(cases):
+        B, qs = quantized(N, K, 64, "nf4", nested, device, dtype, seed=seed + i)
+        A = activations((M, K), dtype, device, seed=seed + 1 + i)
+        with gemm_path(path):
+            if value is not None:
+                monkeypatch.setenv(var, value)
+            out = check_against_reference(A, B, qs, None, f"{path} {what} {dtype} M={M} N={N} K={K}")
+            monkeypatch.setenv(var, other)
+            base = F.matmul_4bit(A, B.t(), qs)
+            monkeypatch.delenv(var)
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every dtype x quant type x blocksize x nesting, on every device
 # ---------------------------------------------------------------------------------------------
@@ -248,15 +265,8 @@ def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
     the same values the per-tile loads give, so the outputs agree bit for bit with the per-tile mode
     (NF4KIT_WG_SCALES=step), nested and plain, batch tiles 64 / 128 / 256, odd N. With stream-K at
     batch tile 128 this also compares the packed mode's 8-slot ring with the step mode's 5 slots."""
-    for i, (M, N, K, nested) in enumerate(((40, 300, 1024, True), (100, 131, 2048, False), (300, 200, 768, True))):
-        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=100 + i)
-        A = activations((M, K), dtype, "cuda", seed=101 + i)
-        with gemm_path(path):
-            out = check_against_reference(A, B, qs, None, f"{path} packed scales {dtype} M={M} N={N} K={K}")
-            monkeypatch.setenv("NF4KIT_WG_SCALES", "step")
-            step = F.matmul_4bit(A, B.t(), qs)
-            monkeypatch.delenv("NF4KIT_WG_SCALES")
-        torch.testing.assert_close(out, step, rtol=0, atol=0)
+    cases = ((40, 300, 1024, True), (100, 131, 2048, False), (300, 200, 768, True))
+    check_switch_identical(monkeypatch, path, cases, dtype, 100, "NF4KIT_WG_SCALES", None, "step", "packed scales")
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
@@ -268,16 +278,7 @@ def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
     keeps thread 0 of warp 0 producing between its own steps. Same sums in the same order, so bit
     for bit equal; partial tiles, nested and plain, one block per tile, stream-K and DP + SK."""
     cases = ((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True))
-    for i, (M, N, K, nested) in enumerate(cases):
-        B, qs = quantized(N, K, 64, "nf4", nested, "cuda", dtype, seed=120 + i)
-        A = activations((M, K), dtype, "cuda", seed=121 + i)
-        with gemm_path(path):
-            monkeypatch.setenv("NF4KIT_WG_PRODUCER", "warp")
-            out = check_against_reference(A, B, qs, None, f"{path} producer warp {dtype} M={M} N={N} K={K}")
-            monkeypatch.setenv("NF4KIT_WG_PRODUCER", "thread")
-            base = F.matmul_4bit(A, B.t(), qs)
-            monkeypatch.delenv("NF4KIT_WG_PRODUCER")
-        torch.testing.assert_close(out, base, rtol=0, atol=0)
+    check_switch_identical(monkeypatch, path, cases, dtype, 120, "NF4KIT_WG_PRODUCER", "warp", "thread", "producer warp")
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
