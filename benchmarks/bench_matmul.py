@@ -298,6 +298,7 @@ def sanitize():
              ("wgdp:3", 70, 2500, 512), ("wgdp:5", 300, 1100, 1024),  # DP + SK on a grid of 3 / 5 blocks
              ("wg+thread", 100, 300, 512), ("wgsk+thread", 128, 300, 1024),  # batch tile 128: thread 0 producing
              ("wgdp:3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
+             ("wg", 200, 300, 512), ("wgdp:3", 260, 900, 512), ("wg+thread", 200, 300, 512),  # batch tile 256: the producer warpgroup, and thread 0
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     for path, M, N, K in cases:
         path, _, producer = path.partition("+")

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +34,14 @@
 
 namespace nf4kit {
 namespace cuda {
+
+// Host dispatch on a runtime bool: calls f with std::true_type or std::false_type, so that f can
+// name a template instantiation by it.
+template <typename F>
+void bool_switch(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
 
 // ---------------------------------------------------------------------------------------------
 // Code tables

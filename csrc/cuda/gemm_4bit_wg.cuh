@@ -50,6 +50,11 @@ struct WgCfg {
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
+// Threads of a block: two consumer warpgroups, plus the producer (PW): one warp at batch tile 128, a
+// whole warpgroup at 256, so that setmaxnreg can move its registers to the consumers (at 288
+// threads ptxas allots 168 registers a thread, and batch tile 256 needs up to 254: 384 threads with
+// 232 for the consumers (up to 219 used, no spill) and 40 for the producers).
+constexpr int wg_threads(int bn, bool pw) { return 256 + (!pw ? 0 : bn == 256 ? 128 : 32); }
 
 // Stream-K (SK): where whole tiles leave SMs idle (14336x4096 at batch 64: 32 tiles of 128 rows on
 // 132 SMs; the dispatch uses it only there, see wg_stream_k_pays) a resident grid of G <= #SM blocks
@@ -82,10 +87,11 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // of a k8 half), i.e. a0/a1 from word 2 kk and a2/a3 from word 2 kk + 1 of k16 step kk.
 // SCALES (launch_wg): 0 one absmax per 32-wide half; 1 (UNIFORM: blocksize >= 64, K % 64 == 0) one
 // per row and tile; 2 (PACK: also blocksize 64 and KT % 4 == 0) the same, loaded once per 4 tiles.
-// PW: a ninth warp is the producer (the copies of every slot, the whole ring ahead); without it
-// thread 0 of warp 0 produces between its own steps, S - 2 slots ahead.
+// PW: a producer issues the copies of every slot, the whole ring ahead (warp 8 lane 0; at batch
+// tile 256 a whole third warpgroup, see wg_threads); without it thread 0 of warp 0 produces between
+// its own steps, S - 2 slots ahead.
 template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
-__global__ void __launch_bounds__(PW ? 288 : 256, 1)
+__global__ void __launch_bounds__(wg_threads(BN, PW), 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -358,13 +364,16 @@ __global__ void __launch_bounds__(PW ? 288 : 256, 1)
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   };
 
+  constexpr bool PW_WG = PW && BN == 256;  // a producer warpgroup (wg_threads): registers to the consumers
   if constexpr (PW) {
-    if (warp == 8) {  // the producer warp: every iteration into slot j % S, once its last use is released
-      if (lane == 0) {
+    if (warp >= 8) {  // the producer: every iteration into slot j % S, once its last use is released
+      if constexpr (PW_WG) wg::setmaxnreg_dec<40>();
+      if (warp == 8 && lane == 0) {
         for (int jj = 0, slot = 0; jj < len; ++jj, slot = slot + 1 == S ? 0 : slot + 1) produce(jj, slot);
       }
       return;
     }
+    if constexpr (PW_WG) wg::setmaxnreg_inc<232>();
   }
   uint32_t af0[4][4], af1[4][4];
   int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
@@ -544,10 +553,14 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
       p.K * 2, 64, BN, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-  auto go = [&](auto kernel, auto sk_tag, auto scales_tag, int threads = C::kThreads) {
-    constexpr int smem = WgCfg<BN, wg_stages(BN, decltype(sk_tag)::value, decltype(scales_tag)::value)>::kSmem;
+  // One instantiation, named by its tags; block size and shared memory follow from them.
+  auto go = [&](auto scales_tag, auto nested_tag, auto sk_tag, auto pw_tag) {
+    constexpr int SCALES = decltype(scales_tag)::value;
+    constexpr bool NESTED = decltype(nested_tag)::value, SK = decltype(sk_tag)::value, PW = decltype(pw_tag)::value;
+    constexpr int smem = WgCfg<BN, wg_stages(BN, SK, SCALES)>::kSmem;
+    auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW>;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(grid), wg_threads(BN, PW), smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
@@ -556,41 +569,29 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
-  // A ninth warp as the producer at batch tile 128 with the packed scales (PW; H100, ninth session, 5
-  // interleaved rounds, thread 0 producing -> producer warp: 8192x28672 at batch 128 0.1424 -> 0.1302
-  // ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 / 0.0427 -> 0.0386 / 0.0388;
-  // 14336x4096 (stream-K) at 128 0.0503 -> 0.0465; benchmarks/results/h100/ab_paths_producer_warp.log).
-  // Not at batch tile 64 (two blocks per SM: 288 threads would not keep 128 registers) nor 256: at
-  // 288 threads ptxas allots 168 registers a thread (157-166 used at 128), and batch tile 256 needs
-  // up to 254 (compiled: 168 with up to 112 bytes of stack). Development aid: NF4KIT_WG_PRODUCER=thread
-  // keeps thread 0 producing.
+  // The producer (PW, wg_threads) at batch tiles 128 and 256 with the packed scales. H100, 5
+  // interleaved rounds, thread 0 producing -> producer: batch tile 128 (ninth session) 8192x28672 at
+  // batch 128 0.1424 -> 0.1302 ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 /
+  // 0.0427 -> 0.0386 / 0.0388; 14336x4096 (stream-K) at 128 0.0503 -> 0.0465
+  // (h100/ab_paths_producer_warp.log); batch tile 256 (tenth session) 8192x28672 at batch 256 / 512
+  // / 1024 / 4096 0.2080 / 0.4322 / 0.7836 / 2.998 -> 0.1907 / 0.3762 / 0.7518 / 3.029
+  // (h100/ab_paths_producer_wg.log). Not at batch tile 64: two blocks per SM, and 288 threads would
+  // not keep 128 registers. Development aid: NF4KIT_WG_PRODUCER=thread keeps thread 0 producing.
   const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
-  const bool pw = BN == 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
-  auto pick = [&](auto sk_tag) {
-    constexpr bool SK = decltype(sk_tag)::value;
-    using S2 = std::integral_constant<int, 2>;
-    using S1 = std::integral_constant<int, 1>;
-    using S0 = std::integral_constant<int, 0>;
-    if constexpr (BN == 128) {
-      if (pw) {
-        if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK, true>, sk_tag, S2{}, C::kThreads + 32);
-        else go(&gemm4_wg_kernel<T, BN, 2, false, SK, true>, sk_tag, S2{}, C::kThreads + 32);
-        return;
+  const bool pw = BN >= 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
+  using S2 = std::integral_constant<int, 2>;
+  using S1 = std::integral_constant<int, 1>;
+  using S0 = std::integral_constant<int, 0>;
+  bool_switch(sk, [&](auto sk_tag) {
+    bool_switch(nested, [&](auto nested_tag) {
+      if constexpr (BN >= 128) {
+        if (pw) return go(S2{}, nested_tag, sk_tag, std::true_type{});
       }
-    }
-    if (pack) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 2, true, SK>, sk_tag, S2{});
-      else go(&gemm4_wg_kernel<T, BN, 2, false, SK>, sk_tag, S2{});
-    } else if (uniform) {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 1, true, SK>, sk_tag, S1{});
-      else go(&gemm4_wg_kernel<T, BN, 1, false, SK>, sk_tag, S1{});
-    } else {
-      if (nested) go(&gemm4_wg_kernel<T, BN, 0, true, SK>, sk_tag, S0{});
-      else go(&gemm4_wg_kernel<T, BN, 0, false, SK>, sk_tag, S0{});
-    }
-  };
-  if (sk) pick(std::true_type{});
-  else pick(std::false_type{});
+      if (pack) go(S2{}, nested_tag, sk_tag, std::false_type{});
+      else if (uniform) go(S1{}, nested_tag, sk_tag, std::false_type{});
+      else go(S0{}, nested_tag, sk_tag, std::false_type{});
+    });
+  });
 }
 
 // Explicit instantiation (in gemm_4bit_wg<BN>.cu) and its extern declaration (in gemm_4bit.cu).
