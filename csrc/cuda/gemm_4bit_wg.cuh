@@ -501,7 +501,7 @@ inline bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms)
 // measurement, 0.1576 -> 0.1561 ms (H200, eighth session), 0.1424 -> 0.1401 (H100, thread 0
 // producing) and 0.1302 -> 0.1255 with the producer warp (h100/ab_paths_producer_warp.log).
 inline bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
-  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && tiles < 4 * sms && tiles % sms != 0;
+  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && tiles < (bn == 256 ? 8 : 4) * sms && tiles % sms != 0;
 }
 
 // One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
