@@ -640,10 +640,13 @@ PathChoice path_override() {
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
 //                With fewer blocks (N = 4096: 32 row tiles) stream-K where it measured faster
 //                (wg_stream_k_pays, seventh session), else dequantize + cuBLAS; with one to four
-//                waves of tiles at batch tile 256 and K >= 8192, DP + SK (wg_dp_stream_k_pays, eighth).
+//                waves of tiles at batch tile 256 and K >= 8192, DP + SK (wg_dp_stream_k_pays, eighth;
+//                up to eight waves at batch tile 256 since the tenth session).
 //   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
 //                0.190 vs 0.204), else dequantize + cuBLAS (4096x14336 at 1024: 0.205 vs 0.220 ms).
-//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel).
+//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel; since
+//                the producer warpgroup the two are level: tenth session, H100, 5 rounds, 2.9955 vs 2.9689
+//                at 4096 and 1.5507 vs 1.5020 at 2048 with spreads of 9-25%, not enough to move).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
 // From 25 rows on, with K >= 8192 and many row tiles, the warpgroup kernel (batch tile 64): H100,
