@@ -9,8 +9,8 @@
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 1024 for K >= 8192): wgmma with W decoded
-//    straight into the A registers, activations and packed W by TMA (issued by a producer warp at
-//    batch tile 128), mbarriers (gemm_4bit_wgmma.cuh); one
+//    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp at
+//    batch tile 128, a warpgroup at 256), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
 //    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
