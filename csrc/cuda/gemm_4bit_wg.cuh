@@ -50,11 +50,13 @@ struct WgCfg {
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
-// Threads of a block: two consumer warpgroups, plus the producer (PW): one warp at batch tile 128, a
-// whole warpgroup at 256, so that setmaxnreg can move its registers to the consumers (at 288
-// threads ptxas allots 168 registers a thread, and batch tile 256 needs up to 254: 384 threads with
-// 232 for the consumers (up to 219 used, no spill) and 40 for the producers).
-constexpr int wg_threads(int bn, bool pw) { return 256 + (!pw ? 0 : bn == 256 ? 128 : 32); }
+// Threads of a block: the two consumer warpgroups (kThreads), plus the producer (PW): one warp at
+// batch tile 128, a whole warpgroup at 256, so that setmaxnreg can move its registers to the
+// consumers (at 288 threads ptxas allots 168 registers a thread, and batch tile 256 needs up to 254:
+// 384 threads with 232 for the consumers (up to 219 used, no spill) and 40 for the producers).
+constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
+template <int BN, bool PW>
+constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
 // Stream-K (SK): where whole tiles leave SMs idle (14336x4096 at batch 64: 32 tiles of 128 rows on
 // 132 SMs; the dispatch uses it only there, see wg_stream_k_pays) a resident grid of G <= #SM blocks
@@ -88,10 +90,10 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // SCALES (launch_wg): 0 one absmax per 32-wide half; 1 (UNIFORM: blocksize >= 64, K % 64 == 0) one
 // per row and tile; 2 (PACK: also blocksize 64 and KT % 4 == 0) the same, loaded once per 4 tiles.
 // PW: a producer issues the copies of every slot, the whole ring ahead (warp 8 lane 0; at batch
-// tile 256 a whole third warpgroup, see wg_threads); without it thread 0 of warp 0 produces between
+// tile 256 a whole third warpgroup, see kWgThreads); without it thread 0 of warp 0 produces between
 // its own steps, S - 2 slots ahead.
 template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
-__global__ void __launch_bounds__(wg_threads(BN, PW), 1)
+__global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -364,7 +366,7 @@ __global__ void __launch_bounds__(wg_threads(BN, PW), 1)
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   };
 
-  constexpr bool PW_WG = PW && BN == 256;  // a producer warpgroup (wg_threads): registers to the consumers
+  constexpr bool PW_WG = PW && wg_producer_warpgroup(BN);  // registers to the consumers (kWgThreads)
   if constexpr (PW) {
     if (warp >= 8) {  // the producer: every iteration into slot j % S, once its last use is released
       if constexpr (PW_WG) wg::setmaxnreg_dec<40>();
@@ -563,7 +565,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
     constexpr int smem = WgCfg<BN, wg_stages(BN, SK, SCALES)>::kSmem;
     auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW>;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(grid), wg_threads(BN, PW), smem, stream>>>(
+    kernel<<<static_cast<unsigned>(grid), kWgThreads<BN, PW>, smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
     NF4KIT_LAUNCH_CHECK();
   };
@@ -572,7 +574,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
-  // The producer (PW, wg_threads) at batch tiles 128 and 256 with the packed scales. H100, 5
+  // The producer (PW, kWgThreads) at batch tiles 128 and 256 with the packed scales. H100, 5
   // interleaved rounds, thread 0 producing -> producer: batch tile 128 (ninth session) 8192x28672 at
   // batch 128 0.1424 -> 0.1302 ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 /
   // 0.0427 -> 0.0386 / 0.0388; 14336x4096 (stream-K) at 128 0.0503 -> 0.0465
