@@ -284,6 +284,19 @@ def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+def test_cuda_wg_dp_stream_k_auto_long_k():
+    """Batch past 1024 on long K (the fused kernel with DP + SK, up to batch 2048): more
+    tiles than SMs, not a whole number of waves, partial last batch and row tiles; two runs agree
+    bit for bit."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    M, K, N = 2000, 8192, 128 * (sms // 8 + 2) - 3  # 8 batch tiles x (sms / 8 + 2) row tiles
+    B, qs = quantized(N, K, 64, "nf4", True, "cuda", torch.float16, seed=90)
+    A = activations((M, K), torch.float16, "cuda", seed=91)
+    ref = check_against_reference(A, B, qs, None, f"auto large batch M={M} N={N} K={K}")
+    torch.testing.assert_close(F.matmul_4bit(A, B.t(), qs), ref, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_wg_dp_stream_k_auto(dtype):
     """A shape the automatic dispatch sends to DP + SK on the device's own SM count (batch tile 256,

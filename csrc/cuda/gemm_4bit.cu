@@ -8,7 +8,7 @@
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
-//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 1024 for K >= 8192): wgmma with W decoded
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 2048 for K >= 8192): wgmma with W decoded
 //    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp at
 //    batch tile 128, a warpgroup at 256), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
@@ -642,11 +642,15 @@ PathChoice path_override() {
 //                (wg_stream_k_pays, seventh session), else dequantize + cuBLAS; with one to four
 //                waves of tiles at batch tile 256 and K >= 8192, DP + SK (wg_dp_stream_k_pays, eighth;
 //                up to eight waves at batch tile 256 since the tenth session).
-//   513..1024    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
+//   513..2048    the warpgroup kernel when K >= 8192 (8192x28672 at 1024: 0.763 vs 0.849 ms; 14336x4096:
 //                0.190 vs 0.204), else dequantize + cuBLAS (4096x14336 at 1024: 0.205 vs 0.220 ms).
-//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel; since
-//                the producer warpgroup the two are level: tenth session, H100, 5 rounds, 2.9955 vs 2.9689
-//                at 4096 and 1.5507 vs 1.5020 at 2048 with spreads of 9-25%, not enough to move).
+//                1025..2048 since the eleventh session, with DP + SK at any number of waves at batch
+//                tile 256 (H100, 5 interleaved rounds, h100/ab_paths_big_batch.log: 8192x28672 at 2048
+//                1.5037 ms vs 1.5473 one block per tile and 1.5574 dequantize + cuBLAS; 14336x4096 at
+//                2048 0.3826 vs 0.3947).
+//   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel; with
+//                the producer warpgroup and DP + SK, H100, eleventh session, 5 rounds: 2.8631 vs 2.9961;
+//                14336x4096 at 4096 0.7576 vs 0.7633).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
 // From 25 rows on, with K >= 8192 and many row tiles, the warpgroup kernel (batch tile 64): H100,
@@ -654,7 +658,7 @@ constexpr int64_t kSkinnyAutoMaxM = 32;
 // 24 0.0970 vs 0.0994, 32 0.1030 vs 0.0953 (4096x14336 at 32, skinny, 0.0375 ms, and at 64, warpgroup,
 // 0.0376: no gain to take there).
 constexpr int64_t kWgFromM = 25;
-constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 1024, kWgLongK = 8192;
+constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
 GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::Tensor& packed) {

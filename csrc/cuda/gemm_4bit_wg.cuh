@@ -493,20 +493,21 @@ inline bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms)
 }
 // DP + SK (whole tiles for the full waves, stream-K over the last partial one) where it measured
 // faster (H200, eighth session, benchmarks/results/h200/experiments/): batch tile 256, long rows (KT
-// >= 128), between one and eight waves of tiles (four at batch tile 128), not a whole number of them. 8192x28672 (224 / 448
+// >= 128), more than one wave of tiles (up to four at batch tile 128), not a whole number of them. 8192x28672 (224 / 448
 // tiles at batch 256 / 512), wg vs wgdp, ms: run 1 (one after the other) 0.2386 vs 0.2215 and 0.4543
 // vs 0.4199; run 3 (median of 7 interleaved rounds) 0.2375 vs 0.2211 and 0.5113 vs 0.4295. Not at
 // batch 1024 (896 tiles: run 1 0.8852 vs 0.8592, but run 2 0.72 vs 0.80-0.83 and run 3 0.8731 vs
 // 0.9100; H100, ninth session, 5 interleaved rounds: 0.7664 vs 0.7941) while thread 0 produced; with
 // the producer warpgroup (tenth session, H100) it is ahead: 0.7550 vs 0.7161 (5 rounds, run 2), and
 // 0.6281 vs 0.5760 at 768 (672 tiles), 0.7953 vs 0.7697 at 1024 (9 rounds, run 3,
-// h100/ab_paths_dp_sk_1024.log), so up to 8 waves at batch tile 256. Not with KT = 64 (4096x14336
+// h100/ab_paths_dp_sk_1024.log), so up to 8 waves at batch tile 256; at any number since the
+// eleventh session (batch 2048, 1792 tiles: 1.5473 -> 1.5037 ms, h100/ab_paths_big_batch.log). Not with KT = 64 (4096x14336
 // at 512: 0.1151 vs 0.1177: each split tile's fix-up weighs twice as much next to its work). Batch
 // tile 128 too since the ninth session: 8192x28672 at 128 (224 tiles) gained a little in every
 // measurement, 0.1576 -> 0.1561 ms (H200, eighth session), 0.1424 -> 0.1401 (H100, thread 0
 // producing) and 0.1302 -> 0.1255 with the producer warp (h100/ab_paths_producer_warp.log).
 inline bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
-  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && tiles < (bn == 256 ? 8 : 4) * sms && tiles % sms != 0;
+  return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && (bn == 256 || tiles < 4 * sms) && tiles % sms != 0;
 }
 
 // One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
