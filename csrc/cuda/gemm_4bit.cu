@@ -75,9 +75,12 @@ namespace {
 // limit.) The stage's absmax values are decoded once by the block into a small shared table.
 constexpr int kSkinnyAny = 0, kSkinnyUniform = 1, kSkinnyWhole = 2;  // skinny_main's MODE
 constexpr int kSkinnyWarps = 8;
-constexpr int kSkinnyRows = 32;                             // W rows per block
-constexpr int kSkinnyGroup = 64;                            // k per warp per stage
-constexpr int kSkinnyStageK = kSkinnyWarps * kSkinnyGroup;  // k per stage: 256 bytes of each row
+constexpr int kSkinnyRows = 32;                             // W rows per block (ROWS = 32; or 16)
+constexpr int kSkinnyGroup = 64;                            // k per warp per stage and group
+// k per stage: 8 KB of packed W, 256 bytes of each of 32 rows (one group a warp) or 512 of 16 (two)
+template <int ROWS>
+constexpr int kSkinnyStageKOf = kSkinnyWarps * kSkinnyGroup * (kSkinnyRows / ROWS);
+constexpr int kSkinnyStageK = kSkinnyStageKOf<kSkinnyRows>;
 constexpr int kSkinnyStages = 4;
 constexpr int kSkinnyMaxM = 32;                             // batch rows per launch (NT <= 4)
 constexpr int kWideTableBytes = 256 * 256;
@@ -86,22 +89,27 @@ constexpr int kSkinnyScaleOffset = kWideTableBytes + 1024;      // scale tables,
 constexpr int kSkinnyScaleBytes = 2 * kSkinnyRows * (4 * kSkinnyWarps + 1) * 4;
 static_assert(kSkinnyStages * kSkinnyRingStride == kWideTableBytes, "the ring fills the table's 256 holes");
 
-// Byte offset, in the ring's stage 0, of a row, half of its 256 bytes, 32-byte slot in the half and
-// 16-byte sub-chunk: the ring lives in the table's row holes (hole 2 row + half, at hole * 256 +
-// 128), slots rotated by row so that the 4 rows a half-warp reads back hit distinct banks.
-__host__ __device__ constexpr uint32_t ring_offset(int row, int half, int slot, int sub) {
-  return static_cast<uint32_t>((2 * row + half) * 256 + 128 + ((slot ^ (row & 3)) * 32) + sub * 16);
+// Byte offset, in the ring's stage 0, of a row, 128-byte part of its stage bytes (HPR parts: 2 of
+// 256 bytes, 4 of 512), 32-byte slot in the part and 16-byte sub-chunk: the ring lives in the
+// table's row holes (hole HPR row + part, at hole * 256 + 128), slots rotated by row so that the 4
+// rows a half-warp reads back hit distinct banks.
+template <int HPR>
+__host__ __device__ constexpr uint32_t ring_offset(int row, int part, int slot, int sub) {
+  return static_cast<uint32_t>((HPR * row + part) * 256 + 128 + ((slot ^ (row & 3)) * 32) + sub * 16);
 }
 
 inline size_t skinny_smem_bytes() { return kSkinnyScaleOffset + kSkinnyScaleBytes; }
 
 template <typename T>
 __device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&code)[16], float mul) {
-  // Row v: lanes 0..31 hold the same pair (times mul); 8 16-byte stores per row, the rest of the row unused.
-  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-    const int v = i >> 3;
+  // Row v: lanes 0..31 hold the same pair (times mul), the rest of the row unused. Thread v builds
+  // row v with one decode and 8 16-byte stores, in an order rotated by v so that the 8 rows of a
+  // store phase hit distinct banks.
+  for (int v = threadIdx.x; v < 256; v += blockDim.x) {
     const uint32_t pr = pack2<T>(code[v >> 4] * mul, code[v & 15] * mul);
-    *reinterpret_cast<uint4*>(smem + v * 256 + (i & 7) * 16) = make_uint4(pr, pr, pr, pr);
+    const uint4 q = make_uint4(pr, pr, pr, pr);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) *reinterpret_cast<uint4*>(smem + v * 256 + (((j + v) & 7) << 4)) = q;
   }
 }
 // Byte b of w -> its pair, for the lane whose 4 l is lane4. ZB: the table sits at shared address 0
@@ -123,33 +131,40 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 template <int NT, int MODE>
 constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 
-template <typename T, int NT, int MODE, bool NESTED, bool ZB>
+// ROWS = 16 (experiment): a block owns 16 rows and each stage is 512 bytes of each; warp w takes
+// groups 2w and 2w + 1 of the stage for the one m16 tile (the mt index below is then the group, not
+// the row tile, and the two groups' sums meet at the end), with twice the activations per stage.
+template <typename T, int NT, int MODE, int ROWS, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off,
                                             const float inv_mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = kSkinnyFold<NT, MODE>;
   constexpr int S = kSkinnyStages;
-  constexpr int SK = kSkinnyStageK;
+  constexpr int SK = kSkinnyStageKOf<ROWS>;
+  constexpr int GPW = kSkinnyRows / ROWS;  // groups per warp per stage (= the act sets)
+  constexpr int HPR = SK / 2 / 128;        // ring holes per row per stage
+  constexpr int CPR = SK / 2 / 16;         // 16-byte chunks per row per stage
+  static_assert(ROWS * SK / 2 == 8192 && (ROWS == 32 || ROWS == 16), "8 KB stages of 32 or 16 rows");
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int64_t M = p.M, N = p.N, K = p.K;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSkinnyRows;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * ROWS;
   const int nstages = static_cast<int>((K + SK - 1) / SK);
   const uint32_t tab = mma::smem_addr(smem), lane4 = 4u * lane;
   constexpr bool nested = NESTED;
 
-  // Copy side: thread t copies 16-byte chunks t and t + 256 of a stage (row id / 16, chunk id % 16
-  // of the row's 256 bytes); rows past N and k past K as zeros. Pointers and k advance per stage.
+  // Copy side: thread t copies 16-byte chunks t and t + 256 of a stage (row id / CPR, chunk id % CPR
+  // of the row's stage bytes); rows past N and k past K as zeros. Pointers and k advance per stage.
   const uint8_t* src[2];
   uint32_t dst[2];
   int kq[2];
   bool rok[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int id = tid + 256 * i, row = id >> 4, q = id & 15;
+    const int id = tid + 256 * i, row = id / CPR, q = id % CPR;
     rok[i] = n0 + row < N;
     src[i] = p.packed + (std::min<int64_t>(n0 + row, N - 1) * K) / 2 + 16 * q;
     kq[i] = 32 * q;
-    dst[i] = tab + ring_offset(row, q >> 3, (q & 7) >> 1, q & 1);
+    dst[i] = tab + ring_offset<HPR>(row, q >> 3, (q & 7) >> 1, q & 1);
   }
   int s_issue = 0;
   int64_t k_issue = 0;
@@ -171,13 +186,17 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     for (int i = 0; i < 2; ++i) src[i] += SK / 2;
   };
 
-  // Compute side: warp w takes group w of every stage; the lane reads its 8 bytes of each of its 4
-  // rows (n0 + 16 (r / 2) + 8 (r % 2) + g) back, and their scales from the block's table below.
+  // Compute side: warp w takes group w of every stage (ROWS 16: groups 2w, 2w + 1); the lane reads
+  // its 8 bytes of each of its 4 (row, group) slots r back (rows n0 + 16 (r / 2) + 8 (r % 2) + g;
+  // ROWS 16: row n0 + 8 (r % 2) + g of group 2w + r / 2), and their scales from the block's table.
+  auto slot_row = [&](int r) { return (ROWS == 32 ? 16 * (r >> 1) : 0) + 8 * (r & 1) + g; };
+  auto slot_group = [&](int r) { return ROWS == 32 ? w : 2 * w + (r >> 1); };
   uint32_t rd[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
-    rd[r] = (ZB ? 0u : tab) + ring_offset(16 * (r >> 1) + 8 * (r & 1) + g, w >> 2, w & 3, 0) + 8 * c;
-  int64_t k_lane = static_cast<int64_t>(w) * kSkinnyGroup + 16 * c;  // the lane's k in the current stage
+    rd[r] = (ZB ? 0u : tab) + ring_offset<HPR>(slot_row(r), slot_group(r) >> 2, slot_group(r) & 3, 0) + 8 * c;
+  // the lane's k in the current stage (of its first group)
+  int64_t k_lane = static_cast<int64_t>(w) * GPW * kSkinnyGroup + 16 * c;
   // Activation row 8 nt + g at k_lane (row M - 1's past M, never read: aok), always advanced, so the
   // loop carries no null test of a 64-bit pointer.
   const uint8_t* ap[NT];
@@ -192,9 +211,10 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   // value per (row, unit): unit = the 64-wide group (UNIFORM) or the 16-wide chunk of a lane (else);
   // 0 past K. Thread t owns entries t + 256 i; their raw values load a stage ahead. (Per-lane
   // loads of scattered rows' absmax cost as many L1 wavefronts as the whole decode.)
-  constexpr int UN = UNIFORM ? kSkinnyWarps : 4 * kSkinnyWarps;  // units per row per stage
-  constexpr int US = UN + 1;                                     // row stride (no bank conflicts)
-  constexpr int EPT = kSkinnyRows * UN / (kSkinnyWarps * 32);    // entries per thread
+  constexpr int UN = (UNIFORM ? 1 : 4) * kSkinnyWarps * GPW;  // units per row per stage
+  constexpr int US = UN + 1;                                  // row stride (no bank conflicts)
+  constexpr int EPT = ROWS * UN / (kSkinnyWarps * 32);        // entries per thread
+  static_assert(2 * ROWS * US * 4 <= kSkinnyScaleBytes, "the scale tables fit");
   float* sct = reinterpret_cast<float*>(smem + kSkinnyScaleOffset);
   int64_t es[EPT];  // element index of the entry's first k in the current stage (not UNIFORM)
   uint32_t eu[EPT];  // the same in 32-element units (UNIFORM: ek is a multiple of 64; N * K / 32 < 2^32)
@@ -238,26 +258,29 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   auto finish = [&](int buf) {
 #pragma unroll
     for (int i = 0; i < EPT; ++i)
-      sct[buf * kSkinnyRows * US + eo[i]] =
+      sct[buf * ROWS * US + eo[i]] =
           !okv[i] ? 0.0f : (nested ? nested_absmax_value(code8[qv[i]], vv[i], off) : vv[i]) * inv_mul;
   };
-  // The lane's entries: rows 16 (r / 2) + 8 (r % 2) + g, unit w (UNIFORM) or 4 w + c.
+  // The lane's entries: its slots' rows, unit = the group (UNIFORM) or 4 group + c.
   int sco[4];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) sco[r] = (16 * (r >> 1) + 8 * (r & 1) + g) * US + (UNIFORM ? w : 4 * w + c);
+  for (int r = 0; r < 4; ++r) sco[r] = slot_row(r) * US + (UNIFORM ? slot_group(r) : 4 * slot_group(r) + c);
 
-  // The lane's activations of a step (k = k_lane .. + 15 of rows 8 nt + g), loaded at the end of the
-  // step before, so that their latency hides behind the barrier and the decode; 0 past M or K
-  // (the upper lanes/warps of a partial last stage).
-  uint4 act[2][NT];
+  // The lane's activations of a step (k = k_lane + 64 gi .. + 15 of rows 8 nt + g, per group gi), loaded
+  // at the end of the step before, so that their latency hides behind the barrier and the decode; 0
+  // past M or K (the upper lanes/warps of a partial last stage).
+  uint4 act[GPW][2][NT];
   auto load_act = [&](bool stage_ok) {
-    const bool live = stage_ok && (WHOLE || k_lane < K);
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
+    for (int gi = 0; gi < GPW; ++gi) {
+      const bool live = stage_ok && (WHOLE || k_lane + gi * kSkinnyGroup < K);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        act[half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + half)
-                                                    : make_uint4(0u, 0u, 0u, 0u);
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          act[gi][half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + 8 * gi + half)
+                                                : make_uint4(0u, 0u, 0u, 0u);
+    }
   };
   load_act(true);
 
@@ -277,7 +300,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     {  // the warp's group of this stage
       float sc[4];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) sc[r] = sct[(s & 1) * kSkinnyRows * US + sco[r]];
+      for (int r = 0; r < 4; ++r) sc[r] = sct[(s & 1) * ROWS * US + sco[r]];
       uint32_t s2[4];
       if constexpr (!FOLD) {
 #pragma unroll
@@ -293,11 +316,11 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       zero_tiles(part);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {  // activations k = 16 c + 8 half .. + 7
-        const uint4* bq = act[half];
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {  // step j = 2 half + jj: bytes 2j, 2j + 1 = word half, bytes 2jj, 2jj + 1
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < 2; ++mt) {  // ROWS 16: the group
+            const uint4* bq = act[GPW == 1 ? 0 : mt][half];
             const uint32_t wlo = half ? wv[2 * mt].y : wv[2 * mt].x;
             const uint32_t whi = half ? wv[2 * mt + 1].y : wv[2 * mt + 1].x;
             uint32_t a[4];
@@ -342,13 +365,21 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   }
   mma::cp_async_wait<0>();
 
-  // Sum the 8 warps' shares in shared memory (reusing the table) and store.
-  constexpr int E = 2 * NT * 4;
+  // Sum the 8 warps' shares in shared memory (reusing the table) and store. ROWS 16: the two groups'
+  // sums of the one row tile first.
+  constexpr int MTS = ROWS / 16;  // row tiles
+  if constexpr (ROWS == 16) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][nt][e] += acc[1][nt][e];
+  }
+  constexpr int E = MTS * NT * 4;
   float* red = reinterpret_cast<float*>(smem);
   __syncthreads();
   if (w > 0) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MTS; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -358,14 +389,14 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   if (w == 0) {
     for (int w2 = 1; w2 < kSkinnyWarps; ++w2) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MTS; ++mt)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[mt][nt][e] += red[(w2 * E + (mt * NT + nt) * 4 + e) * 32 + lane];
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MTS; ++mt) {
       const int64_t na = n0 + 16 * mt + g;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -380,7 +411,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 }
 
 // Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two above.
-template <typename T, int NT, int MODE>
+template <typename T, int NT, int MODE, int ROWS>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
@@ -390,11 +421,11 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skin
   __syncthreads();
   const bool nested = p.absmax.absmax_f32 == nullptr;
   if (mma::smem_addr(smem) == 0) {
-    if (nested) skinny_main<T, NT, MODE, true, true>(p, smem, code8, off, 1.0f / mul);
-    else skinny_main<T, NT, MODE, false, true>(p, smem, code8, off, 1.0f / mul);
+    if (nested) skinny_main<T, NT, MODE, ROWS, true, true>(p, smem, code8, off, 1.0f / mul);
+    else skinny_main<T, NT, MODE, ROWS, false, true>(p, smem, code8, off, 1.0f / mul);
   } else {
-    if (nested) skinny_main<T, NT, MODE, true, false>(p, smem, code8, off, 1.0f / mul);
-    else skinny_main<T, NT, MODE, false, false>(p, smem, code8, off, 1.0f / mul);
+    if (nested) skinny_main<T, NT, MODE, ROWS, true, false>(p, smem, code8, off, 1.0f / mul);
+    else skinny_main<T, NT, MODE, ROWS, false, false>(p, smem, code8, off, 1.0f / mul);
   }
 }
 
@@ -686,11 +717,11 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   return p;
 }
 
-template <typename T, int NT, int MODE>
+template <typename T, int NT, int MODE, int ROWS>
 void launch_skinny_slice(const GemmParams& p, cudaStream_t stream) {
-  auto* kernel = &gemm4_skinny_kernel<T, NT, MODE>;
+  auto* kernel = &gemm4_skinny_kernel<T, NT, MODE, ROWS>;
   allow_smem(kernel, static_cast<int>(skinny_smem_bytes()));
-  const int64_t blocks = ceil_div(p.N, kSkinnyRows);
+  const int64_t blocks = ceil_div(p.N, ROWS);
   kernel<<<static_cast<unsigned>(blocks), kSkinnyWarps * 32, skinny_smem_bytes(), stream>>>(p);
   NF4KIT_LAUNCH_CHECK();
 }
@@ -703,18 +734,29 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // (and 32-element scale indices fit in 32 bits)
   const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0 && p.N * p.K < (int64_t{1} << 37);
   const char* force = std::getenv("NF4KIT_SKINNY_MODE");  // development aid: "uniform" skips kSkinnyWhole
-  const bool whole = uniform && p.K % kSkinnyStageK == 0 && p.N % kSkinnyRows == 0 &&
-                     !(force != nullptr && !std::strcmp(force, "uniform"));
+  // Experiment: blocks of 16 rows (512 bytes of each a stage) up to batch 16 with NF4KIT_SKINNY_ROWS=16.
+  const char* rows_env = std::getenv("NF4KIT_SKINNY_ROWS");
+  const bool rows16_env = rows_env != nullptr && !std::strcmp(rows_env, "16");
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
     GemmParams q = p;
     q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
     q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
+    const bool rows16 = rows16_env && q.M <= 16;
+    const int rows = rows16 ? 16 : kSkinnyRows, stage_k = rows16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
+    const bool whole = uniform && p.K % stage_k == 0 && p.N % rows == 0 &&
+                       !(force != nullptr && !std::strcmp(force, "uniform"));
     auto go = [&](auto mode_tag) {
       constexpr int MODE = decltype(mode_tag)::value;
-      if (q.M <= 8) launch_skinny_slice<T, 1, MODE>(q, stream);
-      else if (q.M <= 16) launch_skinny_slice<T, 2, MODE>(q, stream);
-      else launch_skinny_slice<T, 4, MODE>(q, stream);
+      if (q.M <= 8) {
+        if (rows16) launch_skinny_slice<T, 1, MODE, 16>(q, stream);
+        else launch_skinny_slice<T, 1, MODE, kSkinnyRows>(q, stream);
+      } else if (q.M <= 16) {
+        if (rows16) launch_skinny_slice<T, 2, MODE, 16>(q, stream);
+        else launch_skinny_slice<T, 2, MODE, kSkinnyRows>(q, stream);
+      } else {
+        launch_skinny_slice<T, 4, MODE, kSkinnyRows>(q, stream);
+      }
     };
     if (whole) go(std::integral_constant<int, kSkinnyWhole>{});
     else if (uniform) go(std::integral_constant<int, kSkinnyUniform>{});
