@@ -291,8 +291,8 @@ def sanitize():
     worst = 0.0
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
-             ("skinny+rows16", 1, 33, 96), ("skinny+rows16", 5, 70, 4128), ("skinny+rows16", 12, 95, 1024),
-             ("skinny+rows16", 16, 48, 2048),  # blocks of 16 rows (experiment), partial and whole stages
+             ("skinny+rows32", 1, 33, 96), ("skinny+rows32", 5, 70, 4128), ("skinny+rows32", 12, 95, 1024),
+             ("skinny+rows32", 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)
@@ -305,7 +305,7 @@ def sanitize():
     for path, M, N, K in cases:
         path, _, producer = path.partition("+")
         path, _, grid = path.partition(":")
-        rows = "16" if producer == "rows16" else ""
+        rows = producer[4:] if producer.startswith("rows") else ""
         producer = "" if rows else producer
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)

@@ -270,21 +270,24 @@ def test_cuda_wg_packed_scales(dtype, path, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows", ["16", "32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_skinny_rows16(dtype, monkeypatch):
-    """The skinny kernel with blocks of 16 rows and 512-byte stages a row (NF4KIT_SKINNY_ROWS=16, up to
-    batch 16; past it the 32-row kernel takes the slice) against the reference, and bit for bit
-    between two runs: partial and whole stages (K % 1024), partial row tiles, every blocksize mode."""
-    monkeypatch.setenv("NF4KIT_SKINNY_ROWS", "16")
+def test_cuda_skinny_rows(dtype, rows, monkeypatch):
+    """The skinny kernel with blocks of 16 rows and 512-byte stages a row (up to batch 16; past it the
+    32-row kernel takes the slice), and with blocks of 32 rows and 256-byte stages, each forced
+    (NF4KIT_SKINNY_ROWS; the dispatch picks 16 only for few row tiles, so most small test shapes take
+    it), against the reference and bit for bit between two runs: partial and whole stages, partial
+    row tiles, every blocksize mode."""
+    monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
     shapes = [(1, 1, 32), (3, 33, 96), (8, 31, 4128), (16, 257, 160), (5, 1000, 2048), (1, 48, 2048),
-              (16, 16, 1024), (8, 80, 3072), (12, 40, 1056), (20, 64, 1024)]
+              (16, 16, 1024), (8, 80, 3072), (12, 40, 1056), (20, 64, 1024), (9, 96, 512), (2, 64, 1536)]
     for i, (M, N, K) in enumerate(shapes):
         for bs, nested, qt in ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4")):
             B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=150 + i)
             A = activations((M, K), dtype, "cuda", seed=160 + i)
             bias = activations((N,), dtype, "cuda", seed=170 + i) if i % 2 else None
             with gemm_path("skinny"):
-                out = check_against_reference(A, B, qs, bias, f"skinny rows16 {dtype} M={M} N={N} K={K} bs={bs} {qt}")
+                out = check_against_reference(A, B, qs, bias, f"skinny rows {rows} {dtype} M={M} N={N} K={K} bs={bs} {qt}")
                 again = F.matmul_4bit(A, B.t(), qs, bias=bias)
             torch.testing.assert_close(again, out, rtol=0, atol=0)
 

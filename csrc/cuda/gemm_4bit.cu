@@ -4,7 +4,8 @@
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
 //  * skinny (M <= 32, or 24 on long K: kWgFromM; fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
-//    block owns 32 rows of W and its 8 warps take turns over K; packed W reaches shared memory by
+//    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
+//    K; packed W reaches shared memory by
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
@@ -131,9 +132,10 @@ __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, ui
 template <int NT, int MODE>
 constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 
-// ROWS = 16 (experiment): a block owns 16 rows and each stage is 512 bytes of each; warp w takes
-// groups 2w and 2w + 1 of the stage for the one m16 tile (the mt index below is then the group, not
-// the row tile, and the two groups' sums meet at the end), with twice the activations per stage.
+// ROWS = 16 (few output features, launch_skinny): a block owns 16 rows and each stage is 512 bytes
+// of each; warp w takes groups 2w and 2w + 1 of the stage for the one m16 tile (the mt index below
+// is then the group, not the row tile, and the two groups' sums meet at the end), with twice the
+// activations per stage.
 template <typename T, int NT, int MODE, int ROWS, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off,
                                             const float inv_mul) {
@@ -734,15 +736,23 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // (and 32-element scale indices fit in 32 bits)
   const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0 && p.N * p.K < (int64_t{1} << 37);
   const char* force = std::getenv("NF4KIT_SKINNY_MODE");  // development aid: "uniform" skips kSkinnyWhole
-  // Experiment: blocks of 16 rows (512 bytes of each a stage) up to batch 16 with NF4KIT_SKINNY_ROWS=16.
+  // Blocks of 16 rows (512 bytes of each a stage) up to batch 16 where 32-row blocks would fill at
+  // most half of the SMs' block slots (3 a SM at batch <= 8, 2 at 9-16): few output features. H100,
+  // eleventh session, 5-7 interleaved rounds (h100/ab_paths_skinny_rows16.log), 32 -> 16 rows:
+  // 14336x4096 (128 tiles of 32 rows) at batch 1 / 8 / 16 0.0275 / 0.0311 / 0.0329 -> 0.0231 / 0.0268 /
+  // 0.0271 ms, 4096x4096 level; with a wave or more of 32-row blocks slower, 8192x28672 (896 tiles)
+  // 0.0682 / 0.0685 / 0.0817 -> 0.0690 / 0.0749 / 0.0940, 4096x14336 (448) 0.0267 / 0.0275 / 0.0308 ->
+  // 0.0277 / 0.0309 / 0.0364. Development aid: NF4KIT_SKINNY_ROWS=16 or 32 forces either.
   const char* rows_env = std::getenv("NF4KIT_SKINNY_ROWS");
-  const bool rows16_env = rows_env != nullptr && !std::strcmp(rows_env, "16");
+  const int rows_forced = rows_env == nullptr ? 0 : std::atoi(rows_env);
+  const int64_t sms = sm_count();
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
     GemmParams q = p;
     q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
     q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
-    const bool rows16 = rows16_env && q.M <= 16;
+    const int64_t slots = sms * (q.M <= 8 ? 3 : 2);
+    const bool rows16 = q.M <= 16 && (rows_forced == 16 || (rows_forced != 32 && 2 * ceil_div(p.N, kSkinnyRows) <= slots));
     const int rows = rows16 ? 16 : kSkinnyRows, stage_k = rows16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
     const bool whole = uniform && p.K % stage_k == 0 && p.N % rows == 0 &&
                        !(force != nullptr && !std::strcmp(force, "uniform"));
