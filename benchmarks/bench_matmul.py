@@ -131,6 +131,7 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True, rounds=3):
 
     import nf4kit.functional as F
     caps = ceilings()
+    big_rounds = max(rounds, BIG_ROUNDS)
     print(f"{torch.cuda.get_device_name()}: copy {caps['copy_GBps']:.0f} GB/s, fp16 GEMM {caps['fp16_gemm_TFLOPs']:.0f} TFLOP/s")
     bnb, BF = load_bnb() if with_bnb else (None, None)
     rows = []
@@ -146,7 +147,6 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True, rounds=3):
                 A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
                 big = 2 * M * N * K > 2e11
                 rep = 30 if big else 60
-                row_rounds = max(rounds, BIG_ROUNDS) if big else rounds
                 with torch.inference_mode():
                     ours = F.matmul_4bit(A, Bq.t(), qs)
                     ref = TF.linear(A.float(), Wdq.float())
@@ -154,7 +154,7 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True, rounds=3):
                     base_err = float((TF.linear(A, Wdq).float() - ref).norm() / ref.norm())
                     t = interleaved({"cublas": lambda: TF.linear(A, W), "ours": lambda: F.matmul_4bit(A, Bq.t(), qs),
                                      "bnb": (lambda: bnb.matmul_4bit(A, Bb.t(), qsb)) if bnb is not None else None},
-                                    rep // 2, row_rounds)
+                                    rep // 2, big_rounds if big else rounds)
                     t_cublas, t_ours, t_bnb = t["cublas"], t["ours"], t["bnb"]
                 flops = 2 * M * N * K
                 act = 2 * (M * K + M * N)
@@ -178,7 +178,7 @@ def run(layers, batches, dtypes, out_dir, with_bnb=True, rounds=3):
             torch.cuda.empty_cache()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                bnb=getattr(bnb, "__version__", None), rounds=rounds, big_rounds=max(rounds, BIG_ROUNDS), **caps)
+                bnb=getattr(bnb, "__version__", None), rounds=rounds, big_rounds=big_rounds, **caps)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "matmul.json"), "w") as f:
@@ -199,7 +199,7 @@ def markdown(meta, rows) -> str:
              f"{meta['fp16_gemm_TFLOPs']:.0f} TFLOP/s (8192^3).", "",
              "NF4, blocksize 64, nested absmax (4.13 bits per weight). Times: median ms, L2 flushed; cuBLAS, "
              f"nf4kit and bitsandbytes interleaved, {meta.get('rounds', 1)} rounds"
-             + (f" ({meta['big_rounds']} where 2 M N K > 2e11)" if meta.get("big_rounds", meta.get("rounds")) != meta.get("rounds") else "")
+             + (f" ({meta['big_rounds']} where 2 M N K > 2e11)" if meta.get("big_rounds") not in (None, meta.get("rounds")) else "")
              + ", median over them. "
              "speed-up = cuBLAS time / nf4kit time (bnb: cuBLAS time / bitsandbytes time). "
              "floor = max(bytes / copy rate, FLOPs / fp16 GEMM rate) for nf4kit's bytes (packed weight + "
