@@ -286,6 +286,33 @@ def test_cuda_skinny_rows(dtype, rows, monkeypatch):
     check_repeatable("skinny", cases, dtype, 150, f"skinny rows {rows}")
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows", ["16", "32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_skinny_v2(dtype, rows, monkeypatch):
+    """The skinny kernel's V2 (the default: prologue loads before the table build, activations two
+    stages ahead with 32-row blocks up to batch 16) against the reference, and bit for bit equal to
+    V1 (NF4KIT_SKINNY_V=1), which adds the same sums in the same order: one, two, three and odd
+    numbers of stages (whole and partial), batch 1 to 32 (one, two and four n8 tiles), every
+    blocksize mode, nested and plain, blocks of 16 and 32 rows."""
+    monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
+    shapes = [(1, 32, 512), (1, 64, 1024), (3, 33, 1536), (8, 96, 2560), (5, 31, 4128), (9, 64, 1536),
+              (16, 40, 2048), (12, 32, 96), (20, 64, 1536), (32, 33, 1056), (2, 1, 64), (7, 64, 3584)]
+    modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
+    for i, (M, N, K) in enumerate(shapes):
+        for j, (bs, nested, qt) in enumerate(modes if i < 4 else [modes[i % len(modes)]]):
+            B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=170 + 7 * i + j)
+            A = activations((M, K), dtype, "cuda", seed=171 + 7 * i + j)
+            bias = activations((N,), dtype, "cuda", seed=172 + 7 * i + j) if (i + j) % 2 else None
+            with gemm_path("skinny"):
+                monkeypatch.delenv("NF4KIT_SKINNY_V", raising=False)
+                out = check_against_reference(A, B, qs, bias, f"skinny v2 rows {rows} {dtype} M={M} N={N} K={K} bs={bs}")
+                monkeypatch.setenv("NF4KIT_SKINNY_V", "1")
+                v1 = F.matmul_4bit(A, B.t(), qs, bias=bias)
+                monkeypatch.delenv("NF4KIT_SKINNY_V")
+            torch.testing.assert_close(out, v1, rtol=0, atol=0, msg=lambda m: f"V2 != V1 (M={M} N={N} K={K} bs={bs}): {m}")
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])

@@ -136,14 +136,23 @@ constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 // of each; warp w takes groups 2w and 2w + 1 of the stage for the one m16 tile (the mt index below
 // is then the group, not the row tile, and the two groups' sums meet at the end), with twice the
 // activations per stage.
-template <typename T, int NT, int MODE, int ROWS, bool NESTED, bool ZB>
-__device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float* code8, const float off,
-                                            const float inv_mul) {
+// V2 (the default; NF4KIT_SKINNY_V=1 keeps V1 for A/B runs and the bit-for-bit test): every
+// prologue load (the ring's first stages, the first absmax values, the nested code table, the
+// first activations) is issued before the pair table is built, so that their latency hides behind
+// the build; and with 32-row blocks up to batch 16 (AD = 2) each stage's activations load two
+// stages ahead (not with any blocksize, kSkinnyAny: there the second buffer spills). Same sums in
+// the same order as V1.
+template <int NT, int MODE, int ROWS, bool V2>
+constexpr int kSkinnyActDepth = V2 && ROWS == 32 && NT <= 2 && MODE != kSkinnyAny ? 2 : 1;
+
+template <typename T, int NT, int MODE, int ROWS, bool V2, bool NESTED, bool ZB>
+__device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = kSkinnyFold<NT, MODE>;
   constexpr int S = kSkinnyStages;
   constexpr int SK = kSkinnyStageKOf<ROWS>;
   constexpr int GPW = kSkinnyRows / ROWS;  // groups per warp per stage (= the act sets)
+  constexpr int AD = kSkinnyActDepth<NT, MODE, ROWS, V2>;  // activation buffers (stages loaded ahead)
   constexpr int HPR = SK / 2 / 128;        // ring holes per row per stage
   constexpr int CPR = SK / 2 / 16;         // 16-byte chunks per row per stage
   static_assert(ROWS * SK / 2 == 8192 && (ROWS == 32 || ROWS == 16), "8 KB stages of 32 or 16 rows");
@@ -153,6 +162,9 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   const int nstages = static_cast<int>((K + SK - 1) / SK);
   const uint32_t tab = mma::smem_addr(smem), lane4 = 4u * lane;
   constexpr bool nested = NESTED;
+  float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
+  const float inv_mul = 1.0f / mul;
+  float code_v = 0.0f, off = 0.0f;  // the nested code entry tid (V2: held until the table is built), offset
 
   // Copy side: thread t copies 16-byte chunks t and t + 256 of a stage (row id / CPR, chunk id % CPR
   // of the row's stage bytes); rows past N and k past K as zeros. Pointers and k advance per stage.
@@ -197,7 +209,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 #pragma unroll
   for (int r = 0; r < 4; ++r)
     rd[r] = (ZB ? 0u : tab) + ring_offset<HPR>(slot_row(r), slot_group(r) >> 2, slot_group(r) & 3, 0) + 8 * c;
-  // the lane's k in the current stage (of its first group)
+  // the lane's k in the stage whose activations load next (of its first group)
   int64_t k_lane = static_cast<int64_t>(w) * GPW * kSkinnyGroup + 16 * c;
   // Activation row 8 nt + g at k_lane (row M - 1's past M, never read: aok), always advanced, so the
   // loop carries no null test of a 64-bit pointer.
@@ -268,11 +280,12 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 #pragma unroll
   for (int r = 0; r < 4; ++r) sco[r] = slot_row(r) * US + (UNIFORM ? slot_group(r) : 4 * slot_group(r) + c);
 
-  // The lane's activations of a step (k = k_lane + 64 gi .. + 15 of rows 8 nt + g, per group gi), loaded
-  // at the end of the step before, so that their latency hides behind the barrier and the decode; 0
-  // past M or K (the upper lanes/warps of a partial last stage).
-  uint4 act[GPW][2][NT];
-  auto load_act = [&](bool stage_ok) {
+  // The lane's activations of a stage (k = k_lane + 64 gi .. + 15 of rows 8 nt + g, per group gi),
+  // loaded AD stages ahead (at the end of the stage AD before), so that their latency hides behind
+  // the barriers and the decode; 0 past M or K (the upper lanes/warps of a partial last stage).
+  // Each load moves k_lane and ap on by a stage.
+  uint4 act[AD][GPW][2][NT];
+  auto load_act = [&](uint4 (&buf)[GPW][2][NT], bool stage_ok) {
 #pragma unroll
     for (int gi = 0; gi < GPW; ++gi) {
       const bool live = stage_ok && (WHOLE || k_lane + gi * kSkinnyGroup < K);
@@ -280,21 +293,44 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          act[gi][half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + 8 * gi + half)
+          buf[gi][half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + 8 * gi + half)
                                                 : make_uint4(0u, 0u, 0u, 0u);
     }
+    k_lane += SK;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) ap[nt] += 2 * SK;
   };
-  load_act(true);
+
+  // Prologue. V1: the pair table and the nested code table, a barrier, then the loads. V2: the
+  // loads first (copies, absmax, activations, the nested code into a register), then the tables.
+  auto tables = [&]() {
+    if (V2) {
+      build_wide_table<T>(smem, p.code, mul);
+      if (nested) code8[tid] = code_v;  // blockDim.x == 256
+    } else {
+      build_wide_table<T>(smem, p.code, mul);
+      off = stage_nested(p.absmax, code8);
+    }
+    __syncthreads();
+  };
+  if (!V2) tables();
+#pragma unroll
+  for (int b = 0; b < AD; ++b) load_act(act[b], b < nstages);
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue();
+  raw();
+  if (V2 && nested) {
+    code_v = __ldg(p.absmax.nested_code + tid);
+    off = __ldg(p.absmax.offset);
+  }
+  if (V2) tables();
 
   float acc[2][NT][4];
   zero_tiles(acc);
 
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) issue();
-  raw();
   finish(0);
   if (nstages > 1) raw();
-  for (int s = 0; s < nstages; ++s) {
+  auto stage = [&](const int s, uint4 (&abuf)[GPW][2][NT]) {
     mma::cp_async_wait<S - 2>();
     __syncthreads();  // stage s and its scales are in; stage s - 1's slots are free
     issue();
@@ -322,7 +358,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
         for (int jj = 0; jj < 2; ++jj) {  // step j = 2 half + jj: bytes 2j, 2j + 1 = word half, bytes 2jj, 2jj + 1
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {  // ROWS 16: the group
-            const uint4* bq = act[GPW == 1 ? 0 : mt][half];
+            const uint4* bq = abuf[GPW == 1 ? 0 : mt][half];
             const uint32_t wlo = half ? wv[2 * mt].y : wv[2 * mt].x;
             const uint32_t whi = half ? wv[2 * mt + 1].y : wv[2 * mt + 1].x;
             uint32_t a[4];
@@ -360,10 +396,12 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       finish((s + 1) & 1);  // read after the next barrier; buffer (s + 1) & 1 was last read in stage s - 1
       if (s + 2 < nstages) raw();
     }
-    k_lane += SK;
+    load_act(abuf, s + AD < nstages);
+  };
+  for (int s0 = 0; s0 < nstages; s0 += AD) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) ap[nt] += 2 * SK;
-    load_act(s + 1 < nstages);
+    for (int b = 0; b < AD; ++b)  // b static: each buffer stays in registers
+      if (b == 0 || s0 + b < nstages) stage(s0 + b, act[b]);
   }
   mma::cp_async_wait<0>();
 
@@ -413,21 +451,17 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 }
 
 // Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two above.
-template <typename T, int NT, int MODE, int ROWS>
+template <typename T, int NT, int MODE, int ROWS, bool V2>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
-  float* code8 = reinterpret_cast<float*>(smem + kWideTableBytes);
   const float mul = kSkinnyFold<NT, MODE> ? p.code_mul : 1.0f;
-  build_wide_table<T>(smem, p.code, mul);
-  const float off = stage_nested(p.absmax, code8);
-  __syncthreads();
   const bool nested = p.absmax.absmax_f32 == nullptr;
   if (mma::smem_addr(smem) == 0) {
-    if (nested) skinny_main<T, NT, MODE, ROWS, true, true>(p, smem, code8, off, 1.0f / mul);
-    else skinny_main<T, NT, MODE, ROWS, false, true>(p, smem, code8, off, 1.0f / mul);
+    if (nested) skinny_main<T, NT, MODE, ROWS, V2, true, true>(p, smem, mul);
+    else skinny_main<T, NT, MODE, ROWS, V2, false, true>(p, smem, mul);
   } else {
-    if (nested) skinny_main<T, NT, MODE, ROWS, true, false>(p, smem, code8, off, 1.0f / mul);
-    else skinny_main<T, NT, MODE, ROWS, false, false>(p, smem, code8, off, 1.0f / mul);
+    if (nested) skinny_main<T, NT, MODE, ROWS, V2, true, false>(p, smem, mul);
+    else skinny_main<T, NT, MODE, ROWS, V2, false, false>(p, smem, mul);
   }
 }
 
@@ -720,8 +754,8 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
 }
 
 template <typename T, int NT, int MODE, int ROWS>
-void launch_skinny_slice(const GemmParams& p, cudaStream_t stream) {
-  auto* kernel = &gemm4_skinny_kernel<T, NT, MODE, ROWS>;
+void launch_skinny_slice(const GemmParams& p, bool v2, cudaStream_t stream) {
+  auto* kernel = v2 ? &gemm4_skinny_kernel<T, NT, MODE, ROWS, true> : &gemm4_skinny_kernel<T, NT, MODE, ROWS, false>;
   allow_smem(kernel, static_cast<int>(skinny_smem_bytes()));
   const int64_t blocks = ceil_div(p.N, ROWS);
   kernel<<<static_cast<unsigned>(blocks), kSkinnyWarps * 32, skinny_smem_bytes(), stream>>>(p);
@@ -744,6 +778,8 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // 0.0682 / 0.0685 / 0.0817 -> 0.0690 / 0.0749 / 0.0940, 4096x14336 (448) 0.0267 / 0.0275 / 0.0308 ->
   // 0.0277 / 0.0309 / 0.0364. Development aid: NF4KIT_SKINNY_ROWS=16 or 32 forces either.
   const char* rows_env = std::getenv("NF4KIT_SKINNY_ROWS");
+  const char* v_env = std::getenv("NF4KIT_SKINNY_V");  // development aid: "1" runs V1 (skinny_main)
+  const bool v2 = v_env == nullptr || std::strcmp(v_env, "1") != 0;
   const int rows_forced = rows_env == nullptr ? 0 : std::atoi(rows_env);
   const int64_t sms = sm_count();
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
@@ -759,13 +795,13 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
     auto go = [&](auto mode_tag) {
       constexpr int MODE = decltype(mode_tag)::value;
       if (q.M <= 8) {
-        if (rows16) launch_skinny_slice<T, 1, MODE, 16>(q, stream);
-        else launch_skinny_slice<T, 1, MODE, kSkinnyRows>(q, stream);
+        if (rows16) launch_skinny_slice<T, 1, MODE, 16>(q, v2, stream);
+        else launch_skinny_slice<T, 1, MODE, kSkinnyRows>(q, v2, stream);
       } else if (q.M <= 16) {
-        if (rows16) launch_skinny_slice<T, 2, MODE, 16>(q, stream);
-        else launch_skinny_slice<T, 2, MODE, kSkinnyRows>(q, stream);
+        if (rows16) launch_skinny_slice<T, 2, MODE, 16>(q, v2, stream);
+        else launch_skinny_slice<T, 2, MODE, kSkinnyRows>(q, v2, stream);
       } else {
-        launch_skinny_slice<T, 4, MODE, kSkinnyRows>(q, stream);
+        launch_skinny_slice<T, 4, MODE, kSkinnyRows>(q, v2, stream);
       }
     };
     if (whole) go(std::integral_constant<int, kSkinnyWhole>{});
