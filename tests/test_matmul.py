@@ -290,9 +290,9 @@ def test_cuda_skinny_rows(dtype, rows, monkeypatch):
 @pytest.mark.parametrize("rows", ["16", "32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_skinny_v2(dtype, rows, monkeypatch):
-    """The skinny kernel's V2 (the default: prologue loads before the table build, activations two
-    stages ahead with 32-row blocks up to batch 16) against the reference, and bit for bit equal to
-    V1 (NF4KIT_SKINNY_V=1), which adds the same sums in the same order: one, two, three and odd
+    """The skinny kernel's V2 (the default: the prologue's loads issued before the pair table is
+    built) against the reference, and bit for bit equal to V1 (NF4KIT_SKINNY_V=1, the table first),
+    which adds the same sums in the same order: one, two, three and odd
     numbers of stages (whole and partial), batch 1 to 32 (one, two and four n8 tiles), every
     blocksize mode, nested and plain, blocks of 16 and 32 rows."""
     monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)

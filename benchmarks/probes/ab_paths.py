@@ -1,7 +1,7 @@
 """Probe (device): an interleaved A/B of the 4-bit matmul's paths, for differences smaller than the
 card's drift (power and clocks move cuBLAS and every kernel by up to ~10% between back-to-back
 timings of the same call). LAYER=KxN (8192x28672), MS=256,512,1024, PATHS=wg,wgdp (NF4KIT_GEMM_PATH
-values; "auto" = the dispatch's own choice; "PATH:VAR=VALUE" also sets a development variable, e.g.
+values; "auto" = the dispatch's own choice; "PATH:VAR=VALUE[:VAR=VALUE...]" also sets development variables, e.g.
 wg:NF4KIT_WG_STAGES=8), ROUNDS=7, DTYPE=float16. Each round times cuBLAS and
 every path once (median of a short L2-flushed run), in an order rotated every round; the report is
 the median over rounds per candidate and its ratio to cuBLAS."""
@@ -34,8 +34,8 @@ def main():
             rep = 15 if M >= 1024 else 40
             cands = {"cublas": lambda: TF.linear(A, W)}
             for p in paths:
-                path, _, var = p.partition(":")
-                extra = dict([var.split("=", 1)]) if var else {}
+                path, *vars_ = p.split(":")
+                extra = dict(v.split("=", 1) for v in vars_)
                 cands[p] = dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra)
             names = list(cands)
             times = {n: [] for n in names}

@@ -139,12 +139,7 @@ constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 // V2 (the default; NF4KIT_SKINNY_V=1 keeps V1 for A/B runs and the bit-for-bit test): every
 // prologue load (the ring's first stages, the first absmax values, the nested code table, the
 // first activations) is issued before the pair table is built, so that their latency hides behind
-// the build; and with 32-row blocks up to batch 16 (AD = 2) each stage's activations load two
-// stages ahead (not with any blocksize, kSkinnyAny: there the second buffer spills). Same sums in
-// the same order as V1.
-template <int NT, int MODE, int ROWS, bool V2>
-constexpr int kSkinnyActDepth = V2 && ROWS == 32 && NT <= 2 && MODE != kSkinnyAny ? 2 : 1;
-
+// the build. Same sums in the same order as V1.
 template <typename T, int NT, int MODE, int ROWS, bool V2, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
@@ -152,7 +147,6 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   constexpr int S = kSkinnyStages;
   constexpr int SK = kSkinnyStageKOf<ROWS>;
   constexpr int GPW = kSkinnyRows / ROWS;  // groups per warp per stage (= the act sets)
-  constexpr int AD = kSkinnyActDepth<NT, MODE, ROWS, V2>;  // activation buffers (stages loaded ahead)
   constexpr int HPR = SK / 2 / 128;        // ring holes per row per stage
   constexpr int CPR = SK / 2 / 16;         // 16-byte chunks per row per stage
   static_assert(ROWS * SK / 2 == 8192 && (ROWS == 32 || ROWS == 16), "8 KB stages of 32 or 16 rows");
@@ -281,11 +275,11 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   for (int r = 0; r < 4; ++r) sco[r] = slot_row(r) * US + (UNIFORM ? slot_group(r) : 4 * slot_group(r) + c);
 
   // The lane's activations of a stage (k = k_lane + 64 gi .. + 15 of rows 8 nt + g, per group gi),
-  // loaded AD stages ahead (at the end of the stage AD before), so that their latency hides behind
-  // the barriers and the decode; 0 past M or K (the upper lanes/warps of a partial last stage).
-  // Each load moves k_lane and ap on by a stage.
-  uint4 act[AD][GPW][2][NT];
-  auto load_act = [&](uint4 (&buf)[GPW][2][NT], bool stage_ok) {
+  // loaded at the end of the stage before, so that their latency hides behind the barrier and the
+  // decode; 0 past M or K (the upper lanes/warps of a partial last stage). Each load moves k_lane
+  // and ap on by a stage.
+  uint4 act[GPW][2][NT];
+  auto load_act = [&](bool stage_ok) {
 #pragma unroll
     for (int gi = 0; gi < GPW; ++gi) {
       const bool live = stage_ok && (WHOLE || k_lane + gi * kSkinnyGroup < K);
@@ -293,7 +287,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          buf[gi][half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + 8 * gi + half)
+          act[gi][half][nt] = (live && aok[nt]) ? __ldg(reinterpret_cast<const uint4*>(ap[nt]) + 8 * gi + half)
                                                 : make_uint4(0u, 0u, 0u, 0u);
     }
     k_lane += SK;
@@ -314,8 +308,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     __syncthreads();
   };
   if (!V2) tables();
-#pragma unroll
-  for (int b = 0; b < AD; ++b) load_act(act[b], b < nstages);
+  load_act(true);
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue();
   raw();
@@ -330,7 +323,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
 
   finish(0);
   if (nstages > 1) raw();
-  auto stage = [&](const int s, uint4 (&abuf)[GPW][2][NT]) {
+  for (int s = 0; s < nstages; ++s) {
     mma::cp_async_wait<S - 2>();
     __syncthreads();  // stage s and its scales are in; stage s - 1's slots are free
     issue();
@@ -358,7 +351,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
         for (int jj = 0; jj < 2; ++jj) {  // step j = 2 half + jj: bytes 2j, 2j + 1 = word half, bytes 2jj, 2jj + 1
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {  // ROWS 16: the group
-            const uint4* bq = abuf[GPW == 1 ? 0 : mt][half];
+            const uint4* bq = act[GPW == 1 ? 0 : mt][half];
             const uint32_t wlo = half ? wv[2 * mt].y : wv[2 * mt].x;
             const uint32_t whi = half ? wv[2 * mt + 1].y : wv[2 * mt + 1].x;
             uint32_t a[4];
@@ -396,12 +389,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       finish((s + 1) & 1);  // read after the next barrier; buffer (s + 1) & 1 was last read in stage s - 1
       if (s + 2 < nstages) raw();
     }
-    load_act(abuf, s + AD < nstages);
-  };
-  for (int s0 = 0; s0 < nstages; s0 += AD) {
-#pragma unroll
-    for (int b = 0; b < AD; ++b)  // b static: each buffer stays in registers
-      if (b == 0 || s0 + b < nstages) stage(s0 + b, act[b]);
+    load_act(s + 1 < nstages);
   }
   mma::cp_async_wait<0>();
 
