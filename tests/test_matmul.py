@@ -290,8 +290,9 @@ def test_cuda_skinny_rows(dtype, rows, monkeypatch):
 @pytest.mark.parametrize("rows", ["16", "32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_skinny_v2(dtype, rows, monkeypatch):
-    """The skinny kernel's V2 (the default: the prologue's loads issued before the pair table is
-    built) against the reference, and bit for bit equal to V1 (NF4KIT_SKINNY_V=1, the table first),
+    """The skinny kernel's V2 (the prologue's loads issued before the pair table is built; the
+    dispatch's choice with 32-row blocks), forced with NF4KIT_SKINNY_V=2, against the reference, and
+    bit for bit equal to V1 (NF4KIT_SKINNY_V=1, the table first),
     which adds the same sums in the same order: one, two, three and odd
     numbers of stages (whole and partial), batch 1 to 32 (one, two and four n8 tiles), every
     blocksize mode, nested and plain, blocks of 16 and 32 rows."""
@@ -305,7 +306,7 @@ def test_cuda_skinny_v2(dtype, rows, monkeypatch):
             A = activations((M, K), dtype, "cuda", seed=171 + 7 * i + j)
             bias = activations((N,), dtype, "cuda", seed=172 + 7 * i + j) if (i + j) % 2 else None
             with gemm_path("skinny"):
-                monkeypatch.delenv("NF4KIT_SKINNY_V", raising=False)
+                monkeypatch.setenv("NF4KIT_SKINNY_V", "2")
                 out = check_against_reference(A, B, qs, bias, f"skinny v2 rows {rows} {dtype} M={M} N={N} K={K} bs={bs}")
                 monkeypatch.setenv("NF4KIT_SKINNY_V", "1")
                 v1 = F.matmul_4bit(A, B.t(), qs, bias=bias)

@@ -136,10 +136,10 @@ constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 // of each; warp w takes groups 2w and 2w + 1 of the stage for the one m16 tile (the mt index below
 // is then the group, not the row tile, and the two groups' sums meet at the end), with twice the
 // activations per stage.
-// V2 (the default; NF4KIT_SKINNY_V=1 keeps V1 for A/B runs and the bit-for-bit test): every
-// prologue load (the ring's first stages, the first absmax values, the nested code table, the
-// first activations) is issued before the pair table is built, so that their latency hides behind
-// the build. Same sums in the same order as V1.
+// V2 (launch_skinny: with 32-row blocks; NF4KIT_SKINNY_V=1 / 2 forces V1 / V2): every prologue
+// load (the ring's first stages, the first absmax values, the nested code table, the first
+// activations) is issued before the pair table is built, so that their latency hides behind the
+// build. Same sums in the same order as V1.
 template <typename T, int NT, int MODE, int ROWS, bool V2, bool NESTED, bool ZB>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
@@ -766,8 +766,11 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   // 0.0682 / 0.0685 / 0.0817 -> 0.0690 / 0.0749 / 0.0940, 4096x14336 (448) 0.0267 / 0.0275 / 0.0308 ->
   // 0.0277 / 0.0309 / 0.0364. Development aid: NF4KIT_SKINNY_ROWS=16 or 32 forces either.
   const char* rows_env = std::getenv("NF4KIT_SKINNY_ROWS");
-  const char* v_env = std::getenv("NF4KIT_SKINNY_V");  // development aid: "1" runs V1 (skinny_main)
-  const bool v2 = v_env == nullptr || std::strcmp(v_env, "1") != 0;
+  // V2's prologue (skinny_main) with 32-row blocks; 16-row blocks keep V1's. H200, twelfth session,
+  // 7 interleaved rounds (h200/ab_paths_skinny_v2.log, run 4), V1 -> V2, ms: 8192x28672 at batch
+  // 1 / 8 0.0526 / 0.0587 -> 0.0514 / 0.0573, 4096x14336 at 16 / 24 0.0279 / 0.0336 -> 0.0268 / 0.0331;
+  // 14336x4096 (16-row blocks) at 8 0.0236 -> 0.0262. Development aid: NF4KIT_SKINNY_V=1 or 2 forces either.
+  const char* v_env = std::getenv("NF4KIT_SKINNY_V");
   const int rows_forced = rows_env == nullptr ? 0 : std::atoi(rows_env);
   const int64_t sms = sm_count();
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
@@ -778,6 +781,7 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
     const int64_t slots = sms * (q.M <= 8 ? 3 : 2);
     const bool rows16 = q.M <= 16 && (rows_forced == 16 || (rows_forced != 32 && 2 * ceil_div(p.N, kSkinnyRows) <= slots));
     const int rows = rows16 ? 16 : kSkinnyRows, stage_k = rows16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
+    const bool v2 = v_env != nullptr && *v_env ? std::strcmp(v_env, "1") != 0 : !rows16;
     const bool whole = uniform && p.K % stage_k == 0 && p.N % rows == 0 &&
                        !(force != nullptr && !std::strcmp(force, "uniform"));
     auto go = [&](auto mode_tag) {
