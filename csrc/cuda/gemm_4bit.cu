@@ -9,6 +9,7 @@
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
+//    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 2048 for K >= 8192): wgmma with W decoded
 //    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp at
 //    batch tile 128, a warpgroup at 256), mbarriers (gemm_4bit_wgmma.cuh); one
