@@ -4,7 +4,11 @@
 // STAGES-deep ring; each stage: wait, block barrier, issue the stage STAGES - 1 ahead, read one
 // 16-byte word back (and, with SPIN, burn that many cycles per warp as a stand-in for the decode).
 // Dynamic shared memory is padded to the skinny kernel's 66.5 KB (3 blocks per SM) or as given.
-// Beside it: a read-only grid-stride LDG.128 kernel. Median of 30, L2 flushed before each.
+// Beside it: a read-only grid-stride LDG.128 kernel (4 or 8 loads in flight a thread). And the ring
+// without the block barrier (twelfth session, not yet run): a full mbarrier per slot that the
+// copies arrive on (cp.async.mbarrier.arrive), and the last warp to finish a slot (a shared
+// counter) refills it, so no warp waits for the slowest one but when the data is not there; with
+// L2HINT the copies carry .L2::256B. Median of 30, L2 flushed before each.
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_pattern benchmarks/probes/read_pattern.cu && /tmp/read_pattern
 #include <cuda_runtime.h>
 #include <algorithm>
@@ -75,15 +79,86 @@ __global__ void __launch_bounds__(256) tile_ring(const uint8_t* __restrict__ w, 
   if (acc == 0x12345678u) *sink = acc;
 }
 
+template <int U>
 __global__ void __launch_bounds__(256) seq_read(const uint4* __restrict__ w, int64_t n16, unsigned* sink) {
   unsigned acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
   int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  for (; i + 3 * stride < n16; i += 4 * stride) {
-    const uint4 a = __ldcs(w + i), b = __ldcs(w + i + stride), c = __ldcs(w + i + 2 * stride), d = __ldcs(w + i + 3 * stride);
-    acc ^= a.x ^ b.y ^ c.z ^ d.w ^ a.w ^ b.x ^ c.y ^ d.z;
+  for (; i + (U - 1) * stride < n16; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = __ldcs(w + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].w ^ (v[u].y + v[u].z);
   }
   for (; i < n16; i += stride) { const uint4 a = __ldcs(w + i); acc ^= a.x ^ a.w; }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+// The ring without a block barrier (see the top). 8 warps consume every stage (each its 16 bytes
+// a thread, as tile_ring); slot s % STAGES is refilled with stage s + STAGES by the last warp to
+// finish it, 16 copies a lane, then each lane's cp.async.mbarrier.arrive.noinc on the slot's full
+// barrier (32 arrivals a phase).
+__device__ __forceinline__ void cp16_hint(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+template <int ROWS, int STAGES, bool L2HINT>
+__global__ void __launch_bounds__(256) mbar_ring(const uint8_t* __restrict__ w, int spin, unsigned* sink) {
+  constexpr int CHUNK = kStageBytes / ROWS, CPR = CHUNK / 16;  // bytes / 16-byte chunks of a row a stage
+  constexpr int NST = kRowBytes / CHUNK;
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t full[STAGES];
+  __shared__ int done[STAGES];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int tid = threadIdx.x, lane = tid & 31;
+  const uint8_t* rows = w + static_cast<int64_t>(blockIdx.x) * ROWS * kRowBytes;
+  auto fill = [&](int stage) {  // one warp: the whole stage, 16 chunks a lane, then its arrival
+    const int slot = stage % STAGES;
+    if (stage < NST) {
+#pragma unroll
+      for (int i = 0; i < kStageBytes / 16 / 32; ++i) {
+        const int id = lane + 32 * i, row = id / CPR, q = id % CPR;
+        const uint8_t* src = rows + static_cast<int64_t>(row) * kRowBytes + static_cast<int64_t>(stage) * CHUNK + 16 * q;
+        if (L2HINT) cp16_hint(base + slot * kStageBytes + 16 * id, src);
+        else cp16(base + slot * kStageBytes + 16 * id, src);
+      }
+    }
+    const uint32_t fb = static_cast<uint32_t>(__cvta_generic_to_shared(&full[slot]));
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(fb) : "memory");
+  };
+  if (tid < STAGES) {
+    const uint32_t fb = static_cast<uint32_t>(__cvta_generic_to_shared(&full[tid]));
+    asm volatile("mbarrier.init.shared.b64 [%0], 32;\n" ::"r"(fb) : "memory");
+    done[tid] = 0;
+  }
+  __syncthreads();
+  if (tid < 32)
+    for (int s = 0; s < STAGES; ++s) fill(s);
+  unsigned acc = 0;
+  for (int s = 0; s < NST; ++s) {
+    const int slot = s % STAGES;
+    const uint32_t fb = static_cast<uint32_t>(__cvta_generic_to_shared(&full[slot]));
+    const uint32_t parity = (s / STAGES) & 1;
+    uint32_t ok = 0;
+    while (!ok)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                   : "=r"(ok) : "r"(fb), "r"(parity) : "memory");
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + slot * kStageBytes + 16 * tid);  // after the wait (memory clobber)
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    if (spin > 0) {
+      const long long t0 = clock64();
+      while (clock64() - t0 < spin) acc += 1;
+    }
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      __threadfence_block();
+      last = atomicAdd(&done[slot], 1) == 7;
+      if (last) done[slot] = 0;
+      __threadfence_block();
+    }
+    if (__shfl_sync(0xffffffffu, last, 0)) fill(s + STAGES);
+  }
   if (acc == 0x12345678u) *sink = acc;
 }
 
@@ -126,7 +201,9 @@ int main() {
   for (int g : {1, 2, 4, 8}) {
     char nm[96];
     snprintf(nm, sizeof nm, "seq LDG.128 x4, grid %d x SMs x 8 warps", g);
-    timeit(nm, [&] { seq_read<<<sms * g, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
+    timeit(nm, [&] { seq_read<4><<<sms * g, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
+    snprintf(nm, sizeof nm, "seq LDG.128 x8, grid %d x SMs x 8 warps", g);
+    timeit(nm, [&] { seq_read<8><<<sms * g, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
   }
   auto ring = [&](auto rows_tag, auto stages_tag, int smem, int spin, auto pair_tag) {
     constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
@@ -157,5 +234,24 @@ int main() {
   }
   ring(R32{}, S8{}, 8 * kStageBytes, 1000, F{});
   ring(R16{}, S8{}, 8 * kStageBytes, 1000, F{});
+  auto mring = [&](auto rows_tag, auto stages_tag, int smem, int spin, auto hint_tag) {
+    constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
+    constexpr bool HINT = decltype(hint_tag)::value;
+    auto* k = &mbar_ring<ROWS, STAGES, HINT>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int occ = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k, 256, smem));
+    char nm[128];
+    snprintf(nm, sizeof nm, "mbar ring %2d rows x %4d B%s, %d st, %d blk/SM, spin %d", ROWS, kStageBytes / ROWS,
+             HINT ? " L2::256B" : "", STAGES, occ, spin);
+    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / ROWS), 256, smem>>>(w, spin, sink); });
+  };
+  for (int spin : {0, 1000, 1500}) {
+    mring(R32{}, S4{}, skinny_smem, spin, F{});
+    mring(R32{}, S4{}, skinny_smem, spin, P{});
+    mring(R16{}, S4{}, skinny_smem, spin, F{});
+    mring(R32{}, S8{}, 8 * kStageBytes, spin, F{});
+  }
+  ring(R32{}, S4{}, skinny_smem, 0, F{});  // tile_ring again at the end: the card's drift over the run
   return 0;
 }
