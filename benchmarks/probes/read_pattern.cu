@@ -205,18 +205,28 @@ int main() {
     snprintf(nm, sizeof nm, "seq LDG.128 x8, grid %d x SMs x 8 warps", g);
     timeit(nm, [&] { seq_read<8><<<sms * g, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
   }
-  auto ring = [&](auto rows_tag, auto stages_tag, int smem, int spin, auto pair_tag) {
-    constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
-    constexpr bool PAIR = decltype(pair_tag)::value;
-    auto* k = &tile_ring<ROWS, STAGES, PAIR>;
+  // One ring kernel k (ROWS rows a block) at smem bytes of dynamic shared memory; label: its name
+  // up to the occupancy and spin, which this adds.
+  auto run_ring = [&](auto* k, int rows, int smem, int spin, const char* label) {
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int occ = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k, 256, smem));
     char nm[128];
-    snprintf(nm, sizeof nm, "ring %2d rows x %4d B%s, %d stages, %d blk/SM, spin %d", ROWS, kStageBytes / ROWS,
-             PAIR ? " paired" : "", STAGES, occ, spin);
-    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / ROWS), 256, smem>>>(w, spin, sink); });
+    snprintf(nm, sizeof nm, "%s, %d blk/SM, spin %d", label, occ, spin);
+    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / rows), 256, smem>>>(w, spin, sink); });
   };
+  // tile_ring (flag: PAIR) or, with mb, mbar_ring (flag: L2HINT)
+  auto ring_any = [&](bool mb, auto rows_tag, auto stages_tag, int smem, int spin, auto flag_tag) {
+    constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
+    constexpr bool FLAG = decltype(flag_tag)::value;
+    char label[96];
+    snprintf(label, sizeof label, "%s %2d rows x %4d B%s, %d st", mb ? "mbar ring" : "ring", ROWS, kStageBytes / ROWS,
+             FLAG ? (mb ? " L2::256B" : " paired") : "", STAGES);
+    if (mb) run_ring(&mbar_ring<ROWS, STAGES, FLAG>, ROWS, smem, spin, label);
+    else run_ring(&tile_ring<ROWS, STAGES, FLAG>, ROWS, smem, spin, label);
+  };
+  auto ring = [&](auto... a) { ring_any(false, a...); };
+  auto mring = [&](auto... a) { ring_any(true, a...); };
   using F = std::false_type;
   using P = std::true_type;
   using R32 = std::integral_constant<int, 32>;
@@ -234,18 +244,6 @@ int main() {
   }
   ring(R32{}, S8{}, 8 * kStageBytes, 1000, F{});
   ring(R16{}, S8{}, 8 * kStageBytes, 1000, F{});
-  auto mring = [&](auto rows_tag, auto stages_tag, int smem, int spin, auto hint_tag) {
-    constexpr int ROWS = decltype(rows_tag)::value, STAGES = decltype(stages_tag)::value;
-    constexpr bool HINT = decltype(hint_tag)::value;
-    auto* k = &mbar_ring<ROWS, STAGES, HINT>;
-    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int occ = 0;
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k, 256, smem));
-    char nm[128];
-    snprintf(nm, sizeof nm, "mbar ring %2d rows x %4d B%s, %d st, %d blk/SM, spin %d", ROWS, kStageBytes / ROWS,
-             HINT ? " L2::256B" : "", STAGES, occ, spin);
-    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / ROWS), 256, smem>>>(w, spin, sink); });
-  };
   for (int spin : {0, 1000, 1500}) {
     mring(R32{}, S4{}, skinny_smem, spin, F{});
     mring(R32{}, S4{}, skinny_smem, spin, P{});
