@@ -300,7 +300,7 @@ def sanitize():
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
              ("skinny+rows32", 1, 33, 96), ("skinny+rows32", 5, 70, 4128), ("skinny+rows32", 12, 95, 1024),
              ("skinny+rows32", 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
-             ("skinny+rows32", 1, 64, 512), ("skinny+rows32", 3, 64, 1536), ("skinny+rows32", 9, 64, 2560),  # 1, 3, 5 stages: V2's two activation buffers
+             ("skinny+rows32", 1, 64, 512), ("skinny+rows32", 3, 64, 1536), ("skinny+rows32", 9, 64, 2560),  # 1, 3, 5 stages (V2's prologue)
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)

@@ -292,10 +292,9 @@ def test_cuda_skinny_rows(dtype, rows, monkeypatch):
 def test_cuda_skinny_v2(dtype, rows, monkeypatch):
     """The skinny kernel's V2 (the prologue's loads issued before the pair table is built; the
     dispatch's choice with 32-row blocks), forced with NF4KIT_SKINNY_V=2, against the reference, and
-    bit for bit equal to V1 (NF4KIT_SKINNY_V=1, the table first),
-    which adds the same sums in the same order: one, two, three and odd
-    numbers of stages (whole and partial), batch 1 to 32 (one, two and four n8 tiles), every
-    blocksize mode, nested and plain, blocks of 16 and 32 rows."""
+    bit for bit equal to V1 (NF4KIT_SKINNY_V=1, the table first), which adds the same sums in the
+    same order: one, two, three and odd numbers of stages (whole and partial), batch 1 to 32 (one,
+    two and four n8 tiles), every blocksize mode, nested and plain, blocks of 16 and 32 rows."""
     monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
     shapes = [(1, 32, 512), (1, 64, 1024), (3, 33, 1536), (8, 96, 2560), (5, 31, 4128), (9, 64, 1536),
               (16, 40, 2048), (12, 32, 96), (20, 64, 1536), (32, 33, 1056), (2, 1, 64), (7, 64, 3584)]

@@ -299,13 +299,9 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   // Prologue. V1: the pair table and the nested code table, a barrier, then the loads. V2: the
   // loads first (copies, absmax, activations, the nested code into a register), then the tables.
   auto tables = [&]() {
-    if (V2) {
-      build_wide_table<T>(smem, p.code, mul);
-      if (nested) code8[tid] = code_v;  // blockDim.x == 256
-    } else {
-      build_wide_table<T>(smem, p.code, mul);
-      off = stage_nested(p.absmax, code8);
-    }
+    build_wide_table<T>(smem, p.code, mul);
+    if (!V2) off = stage_nested(p.absmax, code8);
+    else if (nested) code8[tid] = code_v;  // blockDim.x == 256
     __syncthreads();
   };
   if (!V2) tables();
