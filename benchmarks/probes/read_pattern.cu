@@ -5,16 +5,18 @@
 // 16-byte word back (and, with SPIN, burn that many cycles per warp as a stand-in for the decode).
 // Dynamic shared memory is padded to the skinny kernel's 66.5 KB (3 blocks per SM) or as given.
 // Beside it: a read-only grid-stride LDG.128 kernel (4 or 8 loads in flight a thread). And the ring
-// without the block barrier (twelfth session, not yet run): a full mbarrier per slot that the
+// without the block barrier (twelfth session; run in the thirteenth: slower than the barrier ring): a full mbarrier per slot that the
 // copies arrive on (cp.async.mbarrier.arrive), and the last warp to finish a slot (a shared
 // counter) refills it, so no warp waits for the slowest one but when the data is not there; with
 // L2HINT the copies carry .L2::256B. Median of 30, L2 flushed before each.
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_pattern benchmarks/probes/read_pattern.cu && /tmp/read_pattern
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_pattern benchmarks/probes/read_pattern.cu && /tmp/read_pattern [rows]
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e_), __LINE__); exit(1);} } while (0)
 
@@ -162,7 +164,48 @@ __global__ void __launch_bounds__(256) mbar_ring(const uint8_t* __restrict__ w, 
   if (acc == 0x12345678u) *sink = acc;
 }
 
-int main() {
+
+// The direct kernel's pattern (thirteenth session, benchmarks/probes/skinny_direct.patch): no
+// shared memory; a block owns BR = 2 x 512 / PIECE rows and its 8 warps take turns over each row's
+// 4 KB in steps of PIECE bytes; in a step each lane loads 16 bytes of row lane / (PIECE / 16) and of
+// the row BR / 2 below (two LDG.128: 1 KB a warp step), D steps ahead in registers, then SPIN cycles.
+// PIECE 64 is the direct kernel's (8 rows x 64 bytes a warp load); 512 is one row's contiguous 512.
+template <int PIECE, int D>
+__global__ void __launch_bounds__(256) rows_read(const uint8_t* __restrict__ w, int spin, unsigned* sink) {
+  constexpr int LPR = PIECE / 16, BR = 2 * 32 / LPR, NS = kRowBytes / PIECE;
+  const int tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
+  const uint8_t* r0 = w + (static_cast<int64_t>(blockIdx.x) * BR + lane / LPR) * kRowBytes + 16 * (lane % LPR);
+  const uint8_t* r1 = r0 + static_cast<int64_t>(BR / 2) * kRowBytes;
+  const int jn = wp < NS ? (NS - wp + 7) / 8 : 0;
+  uint4 b0[D], b1[D];
+  auto load = [&](int d, int j) {
+    if (j < jn) {
+      const int64_t off = static_cast<int64_t>(wp + 8 * j) * PIECE;
+      b0[d] = __ldg(reinterpret_cast<const uint4*>(r0 + off));
+      b1[d] = __ldg(reinterpret_cast<const uint4*>(r1 + off));
+    }
+  };
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(d, d);
+  unsigned acc = 0;
+  for (int j0 = 0; j0 < jn; j0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (j0 + d >= jn) break;
+      const uint4 x = b0[d], y = b1[d];
+      load(d, j0 + d + D);
+      acc ^= x.x ^ x.y ^ x.z ^ x.w ^ y.x ^ y.y ^ y.z ^ y.w;
+      if (spin) {
+        const long long t0 = clock64();
+        while (clock64() - t0 < spin) {
+        }
+      }
+    }
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
+int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("# benchmarks/probes/read_pattern.cu: %s, %d SMs; read 117 MB (8192x28672 packed); ms = median of 30, L2 flushed\n",
@@ -198,6 +241,33 @@ int main() {
     printf("%-58s %8.4f ms %8.1f GB/s\n", name, ms, kBytes / (ms * 1e-3) / 1e9);
   };
   const int sms = prop.multiProcessorCount;
+  // argv[1] == "rows": only the direct kernel's pattern (rows_read), against seq_read
+  auto rows_any = [&](auto piece_tag, auto d_tag, int spin) {
+    constexpr int PIECE = decltype(piece_tag)::value, D = decltype(d_tag)::value;
+    auto* k = &rows_read<PIECE, D>;
+    constexpr int BR = 2 * 32 / (PIECE / 16);
+    char nm[128];
+    snprintf(nm, sizeof nm, "rows_read %3d B pieces (%2d rows a block), D %d, spin %d", PIECE, BR, D, spin);
+    timeit(nm, [&] { k<<<static_cast<unsigned>(kN / BR), 256>>>(w, spin, sink); });
+  };
+  if (argc > 1 && std::string(argv[1]) == "rows") {
+    timeit("seq LDG.128 x4, grid 2 x SMs x 8 warps", [&] { seq_read<4><<<sms * 2, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
+    using P64 = std::integral_constant<int, 64>;
+    using P128 = std::integral_constant<int, 128>;
+    using P256 = std::integral_constant<int, 256>;
+    using P512 = std::integral_constant<int, 512>;
+    using D2 = std::integral_constant<int, 2>;
+    using D4 = std::integral_constant<int, 4>;
+    for (int spin : {0, 500}) {
+      rows_any(P64{}, D2{}, spin);
+      rows_any(P64{}, D4{}, spin);
+      rows_any(P128{}, D2{}, spin);
+      rows_any(P128{}, D4{}, spin);
+      rows_any(P256{}, D2{}, spin);
+      rows_any(P512{}, D2{}, spin);
+    }
+    return 0;
+  }
   for (int g : {1, 2, 4, 8}) {
     char nm[96];
     snprintf(nm, sizeof nm, "seq LDG.128 x4, grid %d x SMs x 8 warps", g);
