@@ -44,6 +44,10 @@ def _rank(rank: int, world: int, port: int, quant_type: str, results):
         out.float().square().sum().backward()
         results.put((rank, packed_rows, local_rows, torch.equal(out.detach(), expected),
                      head.weight.grad is not None and bool(torch.isfinite(head.weight.grad.to_local()).all())))
+        # Both ranks past every collective before either tears the group down: without it a rank
+        # that finished first could close the connection under the other's last gloo transfer
+        # (a loaded CI machine once aborted rank 1 with "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
