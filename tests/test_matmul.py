@@ -101,21 +101,24 @@ def check_repeatable(path, cases, dtype, seed, what, device="cuda"):
         torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
-def check_switch_identical(monkeypatch, path, cases, dtype, seed, var, value, other, what, device="cuda"):
-    """Each case (M, N, K, nested; NF4, blocksize 64) through the forced path with the development
-    variable var set to value (None: unset), within the reference bound, and bit for bit the result
-    with var set to other. Inputs from seeds seed + i and seed + 1 + i."""
-    for i, (M, N, K, nested) in enumerate(cases):
-        B, qs = quantized(N, K, 64, "nf4", nested, device, dtype, seed=seed + i)
+def check_switch_identical(monkeypatch, path, cases, dtype, seed, var, value, other, what, device="cuda", bias=False):
+    """Each case, (M, N, K, nested) with NF4 blocksize 64 or (M, N, K, blocksize, nested, quant_type),
+    through the forced path with the development variable var set to value (None: unset), within the
+    reference bound, and bit for bit the result with var set to other. Inputs from seeds seed + i and
+    seed + 1 + i; with bias, a bias on every other case (seed + 50 + i)."""
+    for i, case in enumerate(cases):
+        M, N, K, bs, nested, qt = case if len(case) == 6 else (*case[:3], 64, case[3], "nf4")
+        B, qs = quantized(N, K, bs, qt, nested, device, dtype, seed=seed + i)
         A = activations((M, K), dtype, device, seed=seed + 1 + i)
+        b = activations((N,), dtype, device, seed=seed + 50 + i) if bias and i % 2 else None
         with gemm_path(path):
             if value is not None:
                 monkeypatch.setenv(var, value)
-            out = check_against_reference(A, B, qs, None, f"{path} {what} {dtype} M={M} N={N} K={K}")
+            out = check_against_reference(A, B, qs, b, f"{path} {what} {dtype} M={M} N={N} K={K} bs={bs}")
             monkeypatch.setenv(var, other)
-            base = F.matmul_4bit(A, B.t(), qs)
+            base = F.matmul_4bit(A, B.t(), qs, bias=b)
             monkeypatch.delenv(var)
-        torch.testing.assert_close(out, base, rtol=0, atol=0)
+        torch.testing.assert_close(out, base, rtol=0, atol=0, msg=lambda m: f"{what} (M={M} N={N} K={K} bs={bs}): {m}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,18 +302,10 @@ def test_cuda_skinny_v2(dtype, rows, monkeypatch):
     shapes = [(1, 32, 512), (1, 64, 1024), (3, 33, 1536), (8, 96, 2560), (5, 31, 4128), (9, 64, 1536),
               (16, 40, 2048), (12, 32, 96), (20, 64, 1536), (32, 33, 1056), (2, 1, 64), (7, 64, 3584)]
     modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
-    for i, (M, N, K) in enumerate(shapes):
-        for j, (bs, nested, qt) in enumerate(modes if i < 4 else [modes[i % len(modes)]]):
-            B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=170 + 7 * i + j)
-            A = activations((M, K), dtype, "cuda", seed=171 + 7 * i + j)
-            bias = activations((N,), dtype, "cuda", seed=172 + 7 * i + j) if (i + j) % 2 else None
-            with gemm_path("skinny"):
-                monkeypatch.setenv("NF4KIT_SKINNY_V", "2")
-                out = check_against_reference(A, B, qs, bias, f"skinny v2 rows {rows} {dtype} M={M} N={N} K={K} bs={bs}")
-                monkeypatch.setenv("NF4KIT_SKINNY_V", "1")
-                v1 = F.matmul_4bit(A, B.t(), qs, bias=bias)
-                monkeypatch.delenv("NF4KIT_SKINNY_V")
-            torch.testing.assert_close(out, v1, rtol=0, atol=0, msg=lambda m: f"V2 != V1 (M={M} N={N} K={K} bs={bs}): {m}")
+    cases = [(M, N, K, bs, nested, qt) for i, (M, N, K) in enumerate(shapes)
+             for j, (bs, nested, qt) in enumerate(modes) if i < 4 or j == i % len(modes)]
+    check_switch_identical(monkeypatch, "skinny", cases, dtype, 170, "NF4KIT_SKINNY_V", "2", "1", f"skinny v2 rows {rows}",
+                           bias=True)
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
