@@ -297,7 +297,8 @@ def sanitize():
     torch.manual_seed(0)
     worst = 0.0
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
-             ("skinny", 12, 95, 256), ("skinny", 45, 64, 192),
+             ("skinny", 12, 95, 256), ("skinny", 45, 64, 192), ("skinny", 64, 130, 4128), ("skinny", 57, 33, 1056),  # 33..64: the wide pass
+             ("skinny+wide0", 45, 64, 192),  # ... and in slices of 32
              ("skinny+rows32", 1, 33, 96), ("skinny+rows32", 5, 70, 4128), ("skinny+rows32", 12, 95, 1024),
              ("skinny+rows32", 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
              ("skinny+rows32", 1, 64, 512), ("skinny+rows32", 3, 64, 1536), ("skinny+rows32", 9, 64, 2560),  # 1, 3, 5 stages (V2's prologue)
@@ -314,14 +315,16 @@ def sanitize():
         path, _, producer = path.partition("+")
         path, _, grid = path.partition(":")
         rows = producer[4:] if producer.startswith("rows") else ""
-        producer = "" if rows else producer
+        wide = "0" if producer == "wide0" else ""
+        producer = "" if rows or wide else producer
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid, NF4KIT_WG_PRODUCER=producer, NF4KIT_SKINNY_ROWS=rows):
+            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid, NF4KIT_WG_PRODUCER=producer, NF4KIT_SKINNY_ROWS=rows,
+                     NF4KIT_SKINNY_WIDE=wide):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()

@@ -308,6 +308,24 @@ def test_cuda_skinny_v2(dtype, rows, monkeypatch):
                            bias=True)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_skinny_wide(dtype, monkeypatch):
+    """The skinny kernel's wide pass (33..64 batch rows in one launch, eight n8 tiles; forced with
+    NF4KIT_SKINNY_WIDE=1): against the reference at 33..48 rows, and at 49..64 bit for bit equal to
+    two slices of 32 (NF4KIT_SKINNY_WIDE=0: both slices four n8 tiles, the same sums in the same
+    order); partial and whole stages, odd N, every blocksize mode, a bias on every other case."""
+    modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
+    narrow = [(33, 129, 224), (40, 64, 1024), (48, 33, 4128), (35, 1, 96), (47, 4096, 512)]
+    monkeypatch.setenv("NF4KIT_SKINNY_WIDE", "1")
+    check_repeatable("skinny", [(M, N, K, *modes[i % 4]) for i, (M, N, K) in enumerate(narrow)], dtype, 260,
+                     "skinny wide")
+    full = [(64, 130, 64), (49, 96, 2048), (64, 257, 4096), (57, 32, 1536), (64, 4096, 1024)]
+    cases = [(M, N, K, *modes[j]) for i, (M, N, K) in enumerate(full) for j in range(4) if i < 2 or j == i % 4]
+    check_switch_identical(monkeypatch, "skinny", cases, dtype, 280, "NF4KIT_SKINNY_WIDE", "1", "0", "skinny wide",
+                           bias=True)
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])

@@ -3,7 +3,8 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, or 24 on long K: kWgFromM; fp16/bf16, K % 32 == 0; forced, any M in slices of 32): streams W once. A
+//  * skinny (M <= 32, or 24 on long K: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
+//    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
 //    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
@@ -85,6 +86,7 @@ constexpr int kSkinnyStageKOf = kSkinnyWarps * kSkinnyGroup * (kSkinnyRows / ROW
 constexpr int kSkinnyStageK = kSkinnyStageKOf<kSkinnyRows>;
 constexpr int kSkinnyStages = 4;
 constexpr int kSkinnyMaxM = 32;                             // batch rows per launch (NT <= 4)
+constexpr int kSkinnyWideM = 64;                            // ... in one wide launch (NT = 8)
 constexpr int kWideTableBytes = 256 * 256;
 constexpr uint32_t kSkinnyRingStride = 2 * kSkinnyRows * 256;  // 64 holes per stage
 constexpr int kSkinnyScaleOffset = kWideTableBytes + 1024;      // scale tables, after code8
@@ -435,9 +437,11 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   }
 }
 
-// Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two above.
+// Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two at 2-4, one at
+// 8 (the wide launch: 64 accumulators and 64 activation registers a thread).
 template <typename T, int NT, int MODE, int ROWS, bool V2>
-__global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : 2) gemm4_skinny_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : (NT <= 4 ? 2 : 1))
+    gemm4_skinny_kernel(const GemmParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const float mul = kSkinnyFold<NT, MODE> ? p.code_mul : 1.0f;
   const bool nested = p.absmax.absmax_f32 == nullptr;
@@ -703,6 +707,8 @@ PathChoice path_override() {
 //   larger       dequantize + cuBLAS (8192x28672 at 4096: 3.01 vs 3.42 ms for the warpgroup kernel; with
 //                the producer warpgroup and DP + SK, H100, eleventh session, 5 rounds: 2.8631 vs 2.9961;
 //                14336x4096 at 4096 0.7576 vs 0.7633).
+//   33..64 with K < 8192 and under half a block per SM for the warpgroup kernel (4096x4096): the
+//                skinny kernel in one wide pass (below, at `wide`; fourteenth session).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
 // From 25 rows on, with K >= 8192 and many row tiles, the warpgroup kernel (batch tile 64): H100,
@@ -747,9 +753,9 @@ void launch_skinny_slice(const GemmParams& p, bool v2, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
-// The batch in slices of at most 32 rows, each one pass over W.
+// The batch in slices of at most 32 rows, each one pass over W; wide: 33..64 rows in one pass (NT = 8).
 template <typename T>
-void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) {
+void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream_t stream) {
   // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
   // group's float32 sums instead of each pair of codes.
   // (and 32-element scale indices fit in 32 bits)
@@ -770,9 +776,10 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
   const char* v_env = std::getenv("NF4KIT_SKINNY_V");
   const int rows_forced = rows_env == nullptr ? 0 : std::atoi(rows_env);
   const int64_t sms = sm_count();
+  wide = wide && p.M > kSkinnyMaxM && p.M <= kSkinnyWideM;
   for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
     GemmParams q = p;
-    q.M = std::min<int64_t>(kSkinnyMaxM, p.M - m0);
+    q.M = wide ? p.M : std::min<int64_t>(kSkinnyMaxM, p.M - m0);
     q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
     const int64_t slots = sms * (q.M <= 8 ? 3 : 2);
@@ -789,13 +796,16 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, cudaStream_t stream) 
       } else if (q.M <= 16) {
         if (rows16) launch_skinny_slice<T, 2, MODE, 16>(q, v2, stream);
         else launch_skinny_slice<T, 2, MODE, kSkinnyRows>(q, v2, stream);
-      } else {
+      } else if (q.M <= kSkinnyMaxM) {
         launch_skinny_slice<T, 4, MODE, kSkinnyRows>(q, v2, stream);
+      } else {
+        launch_skinny_slice<T, 8, MODE, kSkinnyRows>(q, v2, stream);
       }
     };
     if (whole) go(std::integral_constant<int, kSkinnyWhole>{});
     else if (uniform) go(std::integral_constant<int, kSkinnyUniform>{});
     else go(std::integral_constant<int, kSkinnyAny>{});
+    if (wide) break;
   }
 }
 
@@ -847,11 +857,25 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                      a.K < (int64_t{1} << 31) && a.N < (int64_t{1} << 31) && a.N * a.K < (int64_t{1} << 37);
   if (path == Path::Warpgroup && !wg_ok) path = Path::Auto;
   if (path == Path::Generic && ceil_div(a.M, kGenericRows) > 65535) path = Path::Auto;
+  // 33..64 rows where the warpgroup kernel has under half a block per SM and K is short (its
+  // stream-K then has few k tiles to share out): the skinny kernel in one wide pass (NT = 8). H200,
+  // fourteenth session, 7 interleaved rounds (h200/experiments/ab_paths_skinny_wide.log), fp16, ms,
+  // wide vs the dispatch before it (stream-K / dequantize + cuBLAS): 4096x4096 at 33 / 48 / 64
+  // 0.0195 / 0.0209 / 0.0217 vs 0.0316 / 0.0322 / 0.0259 (cuBLAS 0.0196 / 0.0197 / 0.0186); on long
+  // K it lost (14336x4096 at 48 / 64: 0.0440 / 0.0470 vs 0.0423 / 0.0426), and with many row tiles
+  // too (4096x14336 at 64: 0.0703 vs 0.0371). Development aid: NF4KIT_SKINNY_WIDE=0 / 1 turns it
+  // off / forces it (33..64 rows).
+  const int64_t sms = sm_count();
+  const char* wide_env = std::getenv("NF4KIT_SKINNY_WIDE");
+  const bool wide = wide_env != nullptr && *wide_env
+                        ? std::strcmp(wide_env, "0") != 0
+                        : wg_ok && a.M > kSkinnyMaxM && a.M <= kSkinnyWideM && a.K < kWgLongK &&
+                              wg_tiles(a.M, a.N) * 2 < sms;
   if (path == Path::Auto) {
-    const int64_t sms = sm_count(), wg_n = wg_tiles(a.M, a.N);
+    const int64_t wg_n = wg_tiles(a.M, a.N);
     // 25..32 rows on long K with many row tiles: the warpgroup kernel (kWgFromM)
     const bool wg_early = wg_ok && a.M >= kWgFromM && a.K >= kWgLongK && wg_n * 2 >= sms;
-    if (mma_ok && a.M <= kSkinnyAutoMaxM && !wg_early) path = Path::Skinny;
+    if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || (wide && a.M <= kSkinnyWideM))) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))
       path = Path::Warpgroup;
@@ -879,7 +903,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (path == Path::Skinny) {
-      launch_skinny<T>(p, a.blocksize, stream);
+      launch_skinny<T>(p, a.blocksize, wide, stream);
     } else if (path == Path::Warpgroup) {
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
