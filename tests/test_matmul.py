@@ -21,6 +21,9 @@ from nf4kit import reference as R
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")
+# (blocksize, nested, quant_type) the CUDA kernel tests cycle through: the smallest blocksize, the
+# largest and two between, nested and plain, NF4 and FP4
+MODES = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
 CUDA = torch.cuda.is_available()
 ops = torch.ops.nf4kit
 
@@ -216,7 +219,7 @@ def test_cuda_kernels_forced(path, dtype):
     # past 32 rows (skinny: the batch in slices of 32; wg: batch tiles 64, 128, 256)
     shapes += [(33, 129, 224), (64, 130, 64), (100, 200, 320), (130, 72, 320), (256, 300, 4096)]
     for i, (M, N, K) in enumerate(shapes):
-        for bs, nested, qt in ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4")):
+        for bs, nested, qt in MODES:
             B, qs = quantized(N, K, bs, qt, nested, "cuda", dtype, seed=i)
             A = activations((M, K), dtype, "cuda", seed=i + 7)
             bias = activations((N,), dtype, "cuda", seed=i + 9) if i % 2 else None
@@ -284,8 +287,7 @@ def test_cuda_skinny_rows(dtype, rows, monkeypatch):
     monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
     shapes = [(1, 1, 32), (3, 33, 96), (8, 31, 4128), (16, 257, 160), (5, 1000, 2048), (1, 48, 2048),
               (16, 16, 1024), (8, 80, 3072), (12, 40, 1056), (20, 64, 1024), (9, 96, 512), (2, 64, 1536)]
-    modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
-    cases = [(M, N, K, bs, nested, qt) for M, N, K in shapes for bs, nested, qt in modes]
+    cases = [(M, N, K, bs, nested, qt) for M, N, K in shapes for bs, nested, qt in MODES]
     check_repeatable("skinny", cases, dtype, 150, f"skinny rows {rows}")
 
 
@@ -301,9 +303,8 @@ def test_cuda_skinny_v2(dtype, rows, monkeypatch):
     monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
     shapes = [(1, 32, 512), (1, 64, 1024), (3, 33, 1536), (8, 96, 2560), (5, 31, 4128), (9, 64, 1536),
               (16, 40, 2048), (12, 32, 96), (20, 64, 1536), (32, 33, 1056), (2, 1, 64), (7, 64, 3584)]
-    modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
     cases = [(M, N, K, bs, nested, qt) for i, (M, N, K) in enumerate(shapes)
-             for j, (bs, nested, qt) in enumerate(modes) if i < 4 or j == i % len(modes)]
+             for j, (bs, nested, qt) in enumerate(MODES) if i < 4 or j == i % len(MODES)]
     check_switch_identical(monkeypatch, "skinny", cases, dtype, 170, "NF4KIT_SKINNY_V", "2", "1", f"skinny v2 rows {rows}",
                            bias=True)
 
@@ -315,13 +316,12 @@ def test_cuda_skinny_wide(dtype, monkeypatch):
     NF4KIT_SKINNY_WIDE=1): against the reference at 33..48 rows, and at 49..64 bit for bit equal to
     two slices of 32 (NF4KIT_SKINNY_WIDE=0: both slices four n8 tiles, the same sums in the same
     order); partial and whole stages, odd N, every blocksize mode, a bias on every other case."""
-    modes = ((64, True, "nf4"), (32, False, "fp4"), (4096, True, "fp4"), (128, False, "nf4"))
     narrow = [(33, 129, 224), (40, 64, 1024), (48, 33, 4128), (35, 1, 96), (47, 4096, 512)]
     monkeypatch.setenv("NF4KIT_SKINNY_WIDE", "1")
-    check_repeatable("skinny", [(M, N, K, *modes[i % 4]) for i, (M, N, K) in enumerate(narrow)], dtype, 260,
+    check_repeatable("skinny", [(M, N, K, *MODES[i % 4]) for i, (M, N, K) in enumerate(narrow)], dtype, 260,
                      "skinny wide")
     full = [(64, 130, 64), (49, 96, 2048), (64, 257, 4096), (57, 32, 1536), (64, 4096, 1024)]
-    cases = [(M, N, K, *modes[j]) for i, (M, N, K) in enumerate(full) for j in range(4) if i < 2 or j == i % 4]
+    cases = [(M, N, K, *MODES[j]) for i, (M, N, K) in enumerate(full) for j in range(4) if i < 2 or j == i % 4]
     check_switch_identical(monkeypatch, "skinny", cases, dtype, 280, "NF4KIT_SKINNY_WIDE", "1", "0", "skinny wide",
                            bias=True)
 

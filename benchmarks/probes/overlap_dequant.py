@@ -28,7 +28,7 @@ import torch.nn.functional as TF  # noqa: E402
 
 
 def sliced(Bq, qs, chunks):
-    """Per slice of rows: (row0, row1, a function writing the slice's dequantized rows into buf)."""
+    """Per slice of rows: (row0, row1, a function returning the slice's dequantized rows)."""
     N, K = qs.shape
     absmax, nabs, ncode, off, bs, nbs, qt = qs._decode_args()
     per_row = K // bs
@@ -43,28 +43,26 @@ def sliced(Bq, qs, chunks):
         b0, b1 = r0 * per_row, r1 * per_row
         assert b0 % nbs == 0
 
-        def f(buf, r0=r0, r1=r1, b0=b0, b1=b1):
-            d = torch.ops.nf4kit.dequantize_4bit(
+        def f(r0=r0, r1=r1, b0=b0, b1=b1):
+            return torch.ops.nf4kit.dequantize_4bit(
                 packed[r0 * K // 2: r1 * K // 2], absmax[b0:b1], nabs[b0 // nbs: -(-b1 // nbs)], ncode, off,
                 bs, nbs, qt, [r1 - r0, K], qs.dtype)
-            buf[r0:r1].copy_(d) if buf is not None else None
-            return d
         out.append((r0, r1, f))
     return out
 
 
-def overlapped(A, pieces, N, side, out):
+def overlapped(A, pieces, side, out):
     main = torch.cuda.current_stream()
     ready = []
     ws = [None] * len(pieces)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        ws[0] = pieces[0][2](None)
+        ws[0] = pieces[0][2]()
         e = torch.cuda.Event(); e.record(side); ready.append(e)
     for i, (r0, r1, _) in enumerate(pieces):
         if i + 1 < len(pieces):
             with torch.cuda.stream(side):
-                ws[i + 1] = pieces[i + 1][2](None)
+                ws[i + 1] = pieces[i + 1][2]()
                 e = torch.cuda.Event(); e.record(side); ready.append(e)
         main.wait_event(ready[i])
         torch.mm(A, ws[i].t(), out=out[:, r0:r1])
@@ -95,7 +93,7 @@ def main():
         for C in Cs:
             pieces = sliced(Bq, qs, C)
             for tag, s in (("", side_lo), ("p", side_hi)):
-                fn = (lambda pieces=pieces, s=s: overlapped(A, pieces, N, s, out))
+                fn = (lambda pieces=pieces, s=s: overlapped(A, pieces, s, out))
                 out.fill_(float("nan"))
                 fn(); torch.cuda.synchronize()
                 err = (out.float() - ref.float()).abs().max().item()
