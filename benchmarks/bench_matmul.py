@@ -278,7 +278,7 @@ def tune(K=8192, N=28672, dtype_name="float16", sweep_paths=True):
 
 
 def profile(path: str, M: int, K=8192, N=28672, reps=3):
-    """A few calls of one kernel on the big layer, for ncu (--launch-skip / --launch-count)."""
+    """A few calls of one kernel (the big layer unless given), for ncu (--launch-skip / --launch-count)."""
     dtype = torch.float16
     W = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
     Bq, qs = quantize(W)
@@ -348,15 +348,16 @@ if __name__ == "__main__":
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--plot", default=None, help="make the PNG from a saved matmul.json and exit")
-    ap.add_argument("--profile", default=None, help="PATH,M: a few calls of one kernel (for ncu)")
+    ap.add_argument("--profile", default=None, help="PATH,M[,KxN]: a few calls of one kernel (for ncu; 8192x28672)")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot)
         sys.exit(0)
     import torch
     if args.profile:
-        path, m = args.profile.split(",")
-        profile(path, int(m))
+        path, m, *layer = args.profile.split(",")
+        k, n = (int(v) for v in (layer[0] if layer else "8192x28672").split("x"))
+        profile(path, int(m), k, n)
     elif args.sanitize:
         sanitize()
     elif args.tune:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Probe (device): per-instruction warp-stall samples of one kernel (ncu source counters), for the
-# hot spots of its loop. PROF="wg,128" (bench_matmul.py --profile PATH,M on 8192x28672 fp16),
+# hot spots of its loop. PROF="wg,128" (bench_matmul.py --profile PATH,M[,KxN], 8192x28672 fp16 by default),
 # KNAME=gemm4_wg. Writes $OUT/ncu_source_<path>_<M>.csv (SASS, one row per instruction with its
 # stall-reason samples) and prints the samples by stall reason and by opcode, and the 40 instructions
 # with the most samples (benchmarks/results/h100/ncu_source_*.txt).
@@ -8,7 +8,7 @@ source benchmarks/gpu_env.sh
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 PROF=${PROF:-wg,128}
 KNAME=${KNAME:-gemm4_wg}
-tag=${PROF/,/_}
+tag=${PROF//,/_}
 rep=/tmp/ncu_src_$tag
 timeout 120 "$NCU" --clock-control none --kernel-name regex:$KNAME --launch-skip 1 --launch-count 1 \
   --section SourceCounters --section WarpStateStats -f -o $rep python3 benchmarks/bench_matmul.py --profile $PROF > /dev/null 2>&1

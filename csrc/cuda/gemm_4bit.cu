@@ -753,7 +753,8 @@ void launch_skinny_slice(const GemmParams& p, bool v2, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
-// The batch in slices of at most 32 rows, each one pass over W; wide: 33..64 rows in one pass (NT = 8).
+// The batch in slices of at most 32 rows, each one pass over W; wide: 33..64 rows in one pass (NT = 8;
+// the dispatch checks the range).
 template <typename T>
 void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream_t stream) {
   // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
@@ -776,10 +777,10 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream
   const char* v_env = std::getenv("NF4KIT_SKINNY_V");
   const int rows_forced = rows_env == nullptr ? 0 : std::atoi(rows_env);
   const int64_t sms = sm_count();
-  wide = wide && p.M > kSkinnyMaxM && p.M <= kSkinnyWideM;
-  for (int64_t m0 = 0; m0 < p.M; m0 += kSkinnyMaxM) {
+  const int64_t slice = wide ? p.M : kSkinnyMaxM;  // wide: the whole batch (33..64, the dispatch's check)
+  for (int64_t m0 = 0; m0 < p.M; m0 += slice) {
     GemmParams q = p;
-    q.M = wide ? p.M : std::min<int64_t>(kSkinnyMaxM, p.M - m0);
+    q.M = std::min<int64_t>(slice, p.M - m0);
     q.A = p.A + m0 * p.K * static_cast<int64_t>(sizeof(T));
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
     const int64_t slots = sms * (q.M <= 8 ? 3 : 2);
@@ -805,7 +806,6 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream
     if (whole) go(std::integral_constant<int, kSkinnyWhole>{});
     else if (uniform) go(std::integral_constant<int, kSkinnyUniform>{});
     else go(std::integral_constant<int, kSkinnyAny>{});
-    if (wide) break;
   }
 }
 
@@ -867,15 +867,15 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   // off / forces it (33..64 rows).
   const int64_t sms = sm_count();
   const char* wide_env = std::getenv("NF4KIT_SKINNY_WIDE");
-  const bool wide = wide_env != nullptr && *wide_env
-                        ? std::strcmp(wide_env, "0") != 0
-                        : wg_ok && a.M > kSkinnyMaxM && a.M <= kSkinnyWideM && a.K < kWgLongK &&
-                              wg_tiles(a.M, a.N) * 2 < sms;
+  const bool wide_rows = mma_ok && a.M > kSkinnyMaxM && a.M <= kSkinnyWideM;  // what the wide pass can take
+  const bool wide = wide_rows && (wide_env != nullptr && *wide_env
+                                      ? std::strcmp(wide_env, "0") != 0
+                                      : wg_ok && a.K < kWgLongK && wg_tiles(a.M, a.N) * 2 < sms);
   if (path == Path::Auto) {
     const int64_t wg_n = wg_tiles(a.M, a.N);
     // 25..32 rows on long K with many row tiles: the warpgroup kernel (kWgFromM)
     const bool wg_early = wg_ok && a.M >= kWgFromM && a.K >= kWgLongK && wg_n * 2 >= sms;
-    if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || (wide && a.M <= kSkinnyWideM))) path = Path::Skinny;
+    if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))
       path = Path::Warpgroup;

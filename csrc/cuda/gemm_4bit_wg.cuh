@@ -480,16 +480,20 @@ inline int64_t wg_tile_n(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256
 inline int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, wg_tile_n(M)); }
 // Stream-K where it measured faster (H200, benchmarks/results/h200/wgsk_probe.log and the seventh
 // session's bench runs): only where whole tiles would keep fewer than half the SMs busy (shapes that
-// went to dequantize + cuBLAS before: N = 4096, 32-64 tiles), with shares of at least 16 k tiles
+// went to dequantize + cuBLAS before: N = 4096, 32-64 tiles), with shares of at least 15 k tiles
 // (BN 64, 128) or 48 (BN 256): 14336x4096 at batch 64/128/256/512 0.044/0.052/0.070/0.116 ms vs
 // 0.085/0.086/0.095/0.128 for dequantize + cuBLAS, the same in three runs. 4096x4096 (shares of
-// 15.5 k tiles at batch 64 and 128) measured 0.024, 0.030 and 0.036 ms at batch 64 in three runs
-// (dequantize + cuBLAS 0.026-0.036): too unsteady to choose, so it keeps dequantize + cuBLAS. With
+// 15.5 k tiles at batch tile 128) measured 0.024, 0.030 and 0.036 ms at batch 64 in three runs of
+// the seventh session, too unsteady to choose; the fifteenth session's A/B (H200, 7 interleaved
+// rounds, spread 1-3%, h200/experiments/ab_paths_sk_4096_run3.log) took it there at batch 65..128:
+// 65 / 96 / 128 0.0250 / 0.0249 / 0.0260 ms vs 0.0267 / 0.0305 / 0.0296 for dequantize + cuBLAS
+// (cuBLAS fp16 0.019-0.022). At batch 129..256 (batch tile 256, shares of 48 needed) it keeps
+// dequantize + cuBLAS: stream-K was level or slower there (256: 0.0363 vs 0.0314 ms). With
 // more tiles stream-K was no faster (8192x28672 at batch 128: 0.155 vs 0.157 ms) or slower (at 64:
 // 0.126 vs 0.106 ms; 4096x14336, 112 tiles, at 64-512), a loss per k tile not understood yet.
 // tiles of batch tile bn, KT 64-wide k tiles.
 inline bool wg_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t sms) {
-  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (bn == 256 ? 48 : 16);
+  return KT % 4 == 0 && tiles * 2 < sms && tiles * KT >= sms * (bn == 256 ? 48 : 15);
 }
 // DP + SK (whole tiles for the full waves, stream-K over the last partial one) where it measured
 // faster (H200, eighth session, benchmarks/results/h200/experiments/): batch tile 256, long rows (KT

@@ -1,0 +1,97 @@
+"""Probe (device): host time against GPU time of one 4-bit matmul call. For each LAYER in LAYERS
+(4096x4096,8192x28672), batch in MS (1,128) and path in PATHS (auto,dequant,wg; NF4KIT_GEMM_PATH
+values, "PATH:VAR=VALUE" as in ab_paths.py), and for fp16 cuBLAS (F.linear):
+  host   microseconds of CPU per call: 200 calls queued behind a long GPU sleep, so that the CPU never
+         waits for the GPU (what a Python loop of layers pays per call without CUDA graphs);
+  graph  the call captured in a CUDA graph, replayed (median ms, L2 flushed): GPU time alone;
+  call   bench_matmul.bench of the plain call (median ms, L2 flushed), the table's number.
+With PROFILE=1, last, the CPU ops with the most self time in 50 calls of the first path at the first
+layer and batch."""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_matmul import bench, env, quantize  # noqa: E402
+
+import nf4kit.functional as F  # noqa: E402
+import torch.nn.functional as TF  # noqa: E402
+
+
+def host_us(fn, calls=200):
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU spin: the queue never drains while the CPU runs
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def graph_ms(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay, 40)
+
+
+def main():
+    layers = os.environ.get("LAYERS", "4096x4096,8192x28672").split(",")
+    Ms = [int(m) for m in os.environ.get("MS", "1,128").split(",")]
+    paths = os.environ.get("PATHS", "auto,dequant,wg").split(",")
+    dtype = torch.float16
+    print(f"# host_time fp16 on {torch.cuda.get_device_name()}, torch {torch.__version__}: host us per call | "
+          "graph replay ms | plain call ms (both medians, L2 flushed)")
+    first = None
+    with torch.inference_mode():
+        for layer in layers:
+            K, N = (int(v) for v in layer.split("x"))
+            g = torch.Generator(device="cuda").manual_seed(K + N)
+            W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) * 0.02
+            Bq, qs = quantize(W)
+            for M in Ms:
+                A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
+                cands = {"cublas": (lambda A=A, W=W: TF.linear(A, W), {})}
+                for p in paths:
+                    path, *vars_ = p.split(":")
+                    extra = dict(v.split("=", 1) for v in vars_)
+                    cands[p] = (lambda A=A, Bq=Bq, qs=qs: F.matmul_4bit(A, Bq.t(), qs),
+                                dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra))
+                for name, (fn, vars_) in cands.items():
+                    with env(**vars_):
+                        h = host_us(fn)
+                        try:
+                            gr = f"{graph_ms(fn):.4f}"
+                        except Exception as e:  # noqa: BLE001 - report and go on
+                            gr = f"n/a ({type(e).__name__}: {str(e)[:60]})"
+                        c = bench(fn, 40)
+                    print(f"{layer} M={M:4d} {name:8s} host {h:6.1f} us | graph {gr} | call {c:.4f}", flush=True)
+                if first is None:
+                    first = cands[paths[0]]
+        # last: after torch.profiler, CUPTI can stay attached and slow every later launch
+        if os.environ.get("PROFILE") == "1" and first is not None:
+            from torch.profiler import ProfilerActivity, profile
+            fn, vars_ = first
+            with env(**vars_):
+                fn()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(50):
+                        fn()
+                torch.cuda.synchronize()
+            print(f"# CPU ops of 50 calls of {paths[0]} at {layers[0]}, M={Ms[0]}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+
+
+if __name__ == "__main__":
+    main()
