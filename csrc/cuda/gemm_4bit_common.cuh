@@ -56,11 +56,14 @@ __device__ __forceinline__ float finish_scale(const AbsmaxSource& s, RawScale r,
   return s.absmax_f32 != nullptr ? r.v : nested_absmax_value(code8[r.q], r.v, off);
 }
 
-// nested_code to shared memory (caller syncs); the offset, read once.
-__device__ __forceinline__ float stage_nested(const AbsmaxSource& s, float* code8) {
+// nested_code to shared memory by threads tid = 0 .. n - 1 (caller syncs); the offset, read once.
+__device__ __forceinline__ float stage_nested(const AbsmaxSource& s, float* code8, int tid, int n) {
   if (s.absmax_f32 != nullptr) return 0.0f;
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) code8[i] = s.nested_code[i];
+  for (int i = tid; i < 256; i += n) code8[i] = s.nested_code[i];
   return __ldg(s.offset);
+}
+__device__ __forceinline__ float stage_nested(const AbsmaxSource& s, float* code8) {
+  return stage_nested(s, code8, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
 }
 
 // Zero an accumulator array (any [A][B][4] tile of mma fragments).

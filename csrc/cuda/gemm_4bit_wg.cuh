@@ -110,8 +110,9 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);
   auto full_bar = [&](int s) { return bar0 + 8u * s; };
   auto empty_bar = [&](int s) { return bar0 + 8u * (S + s); };
-  mma::build_pair_table<T>(tab, p.code);
-  const float off = stage_nested(p.absmax, code8);
+  // The pair table and the nested code are built by the consumers after the first copies are
+  // issued (below, before the loop), so that the copies' latency covers them.
+  float off = 0.0f;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       wg::mbar_init(full_bar(s), 1);
@@ -389,6 +390,11 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
 #pragma unroll
     for (int i = 0; i < LA; ++i) raw(i, kt0 + i, qv[i], vv[i]);
   }
+  // While the first tiles and scales are on their way: the table and the nested code, by the 8
+  // consumer warps (the producer has left), then the consumers' barrier before any decode.
+  mma::build_pair_table<T>(tab, p.code, tid, C::kThreads);
+  off = stage_nested(p.absmax, code8, tid, C::kThreads);
+  consumers_sync();
   // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:
   // groups never straddle tiles, so the cursor moves to the next tile only between groups).
   int r_kt = kt0 + LA;
