@@ -78,7 +78,7 @@ def main():
                     print(f"{layer} M={M:4d} {name:8s} host {h:6.1f} us | graph {gr} | call {c:.4f}", flush=True)
                 if first is None:
                     first = cands[paths[0]]
-        # last: after torch.profiler, CUPTI can stay attached and slow every later launch
+        # last: calls timed after a torch.profiler session came out slow (kernel_split.py's note)
         if os.environ.get("PROFILE") == "1" and first is not None:
             from torch.profiler import ProfilerActivity, profile
             fn, vars_ = first

@@ -55,7 +55,9 @@ def main():
                 rows.append((M, p, lambda A=A: F.matmul_4bit(A, Bq.t(), qs),
                              dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra)))
         calls = []
-        for M, name, fn, vars_ in rows:  # every call timed before the profiler first runs (CUPTI stays attached)
+        # every call timed before the first profiler session: in run 1 of the fifteenth session each
+        # call timed after one came out slow (most likely CUPTI left attached)
+        for M, name, fn, vars_ in rows:
             with env(**vars_):
                 calls.append(bench(fn, 40))
         for (M, name, fn, vars_), t in zip(rows, calls):
@@ -64,6 +66,7 @@ def main():
             total = sum(ks.values())
             print(f"M={M:4d} {name:8s} call {t:.4f} ms | kernels {total:6.1f} us: "
                   + "; ".join(f"{k} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])), flush=True)
+
 
 if __name__ == "__main__":
     main()
