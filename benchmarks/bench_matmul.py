@@ -47,6 +47,13 @@ def env(**kv):
                 os.environ[k] = v
 
 
+def path_env(spec: str) -> dict:
+    """The development variables of a path spec "PATH[:VAR=VALUE...]" (PATH an NF4KIT_GEMM_PATH
+    value, or "auto" for the dispatch's own choice), for env(): the probes' way to name candidates."""
+    path, *extra = spec.split(":")
+    return dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **dict(v.split("=", 1) for v in extra))
+
+
 def gpu_tag(name: str) -> str:
     low = name.lower()
     for tag in ("h200", "h100", "a100", "l40s", "l4", "b200"):

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, quantize  # noqa: E402
+from bench_matmul import bench, env, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -34,9 +34,7 @@ def main():
             rep = 15 if M >= 1024 else 40
             cands = {"cublas": lambda: TF.linear(A, W)}
             for p in paths:
-                path, *vars_ = p.split(":")
-                extra = dict(v.split("=", 1) for v in vars_)
-                cands[p] = dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra)
+                cands[p] = path_env(p)
             names = list(cands)
             times = {n: [] for n in names}
             for r in range(rounds):

@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, quantize  # noqa: E402
+from bench_matmul import bench, env, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -63,10 +63,7 @@ def main():
                 A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
                 cands = {"cublas": (lambda A=A, W=W: TF.linear(A, W), {})}
                 for p in paths:
-                    path, *vars_ = p.split(":")
-                    extra = dict(v.split("=", 1) for v in vars_)
-                    cands[p] = (lambda A=A, Bq=Bq, qs=qs: F.matmul_4bit(A, Bq.t(), qs),
-                                dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra))
+                    cands[p] = (lambda A=A, Bq=Bq, qs=qs: F.matmul_4bit(A, Bq.t(), qs), path_env(p))
                 for name, (fn, vars_) in cands.items():
                     with env(**vars_):
                         h = host_us(fn)

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, quantize  # noqa: E402
+from bench_matmul import bench, env, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -50,10 +50,7 @@ def main():
             A = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
             rows.append((M, "cublas", lambda A=A: TF.linear(A, W), {}))
             for p in paths:
-                path, *vars_ = p.split(":")
-                extra = dict(v.split("=", 1) for v in vars_)
-                rows.append((M, p, lambda A=A: F.matmul_4bit(A, Bq.t(), qs),
-                             dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **extra)))
+                rows.append((M, p, lambda A=A: F.matmul_4bit(A, Bq.t(), qs), path_env(p)))
         calls = []
         # every call timed before the first profiler session: in run 1 of the fifteenth session each
         # call timed after one came out slow (most likely CUPTI left attached)

@@ -18,10 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_matmul  # noqa: E402
 from bench_matmul import bench, quantize  # noqa: E402
-
-bench_matmul.torch = torch
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
