@@ -3,7 +3,8 @@ switch). OLD=/path/to/tree (a copy of the repository holding the other build's n
 current tree is NEW. Each round runs ab_paths.py once per build (ROUNDS=1 inside, a fresh process
 each, the order rotated every round) on LAYERS (4096x4096,14336x4096) at MS (96,128) with the
 dispatch's own path, and records nf4kit's time and its ratio to the cuBLAS call timed in the same
-process. Prints the median over AB_ROUNDS (5) rounds per build, layer and batch."""
+process. Prints the median over AB_ROUNDS (5) rounds per build, layer and batch, and the fastest
+and the slowest round."""
 import os
 import re
 import statistics
@@ -45,7 +46,9 @@ def main():
             for b in builds:
                 v = res.get((layer, m, b), [])
                 if v:
-                    line += f" | {b} {statistics.median(t for t, _ in v):.4f} ({statistics.median(x for _, x in v):.2f}x)"
+                    ts = sorted(t for t, _ in v)
+                    line += (f" | {b} {statistics.median(ts):.4f} ({statistics.median(x for _, x in v):.2f}x;"
+                             f" {ts[0]:.4f}-{ts[-1]:.4f})")
             print(line, flush=True)
 
 

@@ -33,6 +33,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -69,8 +71,8 @@ namespace {
 //
 // Decode: one shared-memory load turns a packed byte into its two codes (a T pair) from a per-lane
 // table with 256-byte rows: entry v of lane l at byte v * 256 + 4 l, so the address is a single PRMT
-// of the packed word and 4 l (no add when the table sits at shared address 0, as the kernel checks),
-// and 32 lanes hit 32 distinct banks.
+// of the packed word and 4 l (the load adds the table's base, a uniform register, itself), and 32
+// lanes hit 32 distinct banks.
 // Packed W: the block copies each 32 x 256-byte stage with cp.async, 16 contiguous bytes per thread
 // (whole 128-byte lines per warp instruction), into a 4-stage ring that lives in the table rows'
 // unused upper halves; one barrier per stage. (Loading each lane's 8-byte pieces straight from
@@ -116,13 +118,13 @@ __device__ __forceinline__ void build_wide_table(uint8_t* smem, const float (&co
     for (int j = 0; j < 8; ++j) *reinterpret_cast<uint4*>(smem + v * 256 + (((j + v) & 7) << 4)) = q;
   }
 }
-// Byte b of w -> its pair, for the lane whose 4 l is lane4. ZB: the table sits at shared address 0
-// (the kernel checks), so the PRMT result is the address itself; otherwise one add more.
-template <bool ZB>
+// Byte b of w -> its pair, for the lane whose 4 l is lane4: tab + the PRMT result, which the shared
+// load takes as [register + uniform register] (SASS: PRMT, LDS; the table never sits at shared
+// address 0, where the dynamic shared memory starts after the 1 KB the driver reserves:
+// kDynSmemBase).
 __device__ __forceinline__ uint32_t wide_lookup(uint32_t tab, uint32_t lane4, uint32_t w, int b) {
-  const uint32_t a = __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4));
   uint32_t r;
-  asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(ZB ? a : tab + a));
+  asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab + __byte_perm(w, lane4, 0x5504u | (static_cast<uint32_t>(b) << 4))));
   return r;
 }
 
@@ -143,7 +145,7 @@ constexpr bool kSkinnyFold = MODE >= kSkinnyUniform && NT <= 2;
 // load (the ring's first stages, the first absmax values, the nested code table, the first
 // activations) is issued before the pair table is built, so that their latency hides behind the
 // build. Same sums in the same order as V1.
-template <typename T, int NT, int MODE, int ROWS, bool V2, bool NESTED, bool ZB>
+template <typename T, int NT, int MODE, int ROWS, bool V2, bool NESTED>
 __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, const float mul) {
   constexpr bool UNIFORM = MODE >= kSkinnyUniform, WHOLE = MODE == kSkinnyWhole;
   constexpr bool FOLD = kSkinnyFold<NT, MODE>;
@@ -205,7 +207,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   uint32_t rd[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
-    rd[r] = (ZB ? 0u : tab) + ring_offset<HPR>(slot_row(r), slot_group(r) >> 2, slot_group(r) & 3, 0) + 8 * c;
+    rd[r] = tab + ring_offset<HPR>(slot_row(r), slot_group(r) >> 2, slot_group(r) & 3, 0) + 8 * c;
   // the lane's k in the stage whose activations load next (of its first group)
   int64_t k_lane = static_cast<int64_t>(w) * GPW * kSkinnyGroup + 16 * c;
   // Activation row 8 nt + g at k_lane (row M - 1's past M, never read: aok), always advanced, so the
@@ -354,10 +356,10 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
             const uint32_t wlo = half ? wv[2 * mt].y : wv[2 * mt].x;
             const uint32_t whi = half ? wv[2 * mt + 1].y : wv[2 * mt + 1].x;
             uint32_t a[4];
-            a[0] = wide_lookup<ZB>(tab, lane4, wlo, 2 * jj);
-            a[1] = wide_lookup<ZB>(tab, lane4, whi, 2 * jj);
-            a[2] = wide_lookup<ZB>(tab, lane4, wlo, 2 * jj + 1);
-            a[3] = wide_lookup<ZB>(tab, lane4, whi, 2 * jj + 1);
+            a[0] = wide_lookup(tab, lane4, wlo, 2 * jj);
+            a[1] = wide_lookup(tab, lane4, whi, 2 * jj);
+            a[2] = wide_lookup(tab, lane4, wlo, 2 * jj + 1);
+            a[3] = wide_lookup(tab, lane4, whi, 2 * jj + 1);
             if constexpr (!FOLD) {
               a[0] = mma::mul2<T>(a[0], s2[2 * mt]);
               a[1] = mma::mul2<T>(a[1], s2[2 * mt + 1]);
@@ -445,13 +447,8 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : (NT <= 4 ? 2 
   extern __shared__ __align__(16) uint8_t smem[];
   const float mul = kSkinnyFold<NT, MODE> ? p.code_mul : 1.0f;
   const bool nested = p.absmax.absmax_f32 == nullptr;
-  if (mma::smem_addr(smem) == 0) {
-    if (nested) skinny_main<T, NT, MODE, ROWS, V2, true, true>(p, smem, mul);
-    else skinny_main<T, NT, MODE, ROWS, V2, false, true>(p, smem, mul);
-  } else {
-    if (nested) skinny_main<T, NT, MODE, ROWS, V2, true, false>(p, smem, mul);
-    else skinny_main<T, NT, MODE, ROWS, V2, false, false>(p, smem, mul);
-  }
+  if (nested) skinny_main<T, NT, MODE, ROWS, V2, true>(p, smem, mul);
+  else skinny_main<T, NT, MODE, ROWS, V2, false>(p, smem, mul);
 }
 
 // =============================================================================================
@@ -819,6 +816,32 @@ void launch_tc(const GemmParams& p, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
+// The warpgroup kernel's wide pair table (batch tile 128) sits where the dynamic shared memory
+// starts, which its lookups take as the constant kDynSmemBase: a one-thread kernel looks once per
+// device (a call on a stream being captured into a CUDA graph does not synchronise: it takes batch
+// tile 256 until a plain call has looked). Development aid: NF4KIT_WG_WIDE=0 answers no.
+__global__ void dyn_smem_base_kernel(uint32_t* out) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  *out = mma::smem_addr(smem);
+}
+bool wg_wide_table_ok(cudaStream_t stream) {
+  const char* env = std::getenv("NF4KIT_WG_WIDE");
+  if (env != nullptr && !std::strcmp(env, "0")) return false;
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  if (const auto it = known.find(dev); it != known.end()) return it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  at::Tensor base = at::empty({1}, at::TensorOptions().device(at::kCUDA, dev).dtype(at::kInt));
+  dyn_smem_base_kernel<<<1, 1, 16, stream>>>(reinterpret_cast<uint32_t*>(base.data_ptr<int>()));
+  NF4KIT_LAUNCH_CHECK();
+  return known[dev] = base.item<int>() == static_cast<int>(kDynSmemBase);
+}
+
 template <typename T>
 void launch_generic(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kGenericWarps)),
@@ -907,7 +930,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
     } else if (path == Path::Warpgroup) {
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
-      const int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
+      int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
+      if (bn > 64 && bn <= 128 && !wg_wide_table_ok(stream)) bn = 256;
       const int split = path == forced.path ? forced.split : -1;
       if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
       else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);

@@ -96,6 +96,19 @@ __device__ __forceinline__ uint32_t lookup_sel(uint32_t tab, uint32_t lane8, uin
   asm("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(tab + (__byte_perm(w, lane8, sel) >> 1)));
   return r;
 }
+// Where a kernel's dynamic shared memory starts when it has no static shared memory: on sm_90 the
+// 1 KB the driver reserves a block comes first (benchmarks/probes/smem_base.cu, H200, driver 580).
+// The warpgroup kernel's wide pair table sits there, so that its address is a load's immediate;
+// the host checks it once (wg_wide_table_ok) and the kernel asserts it.
+constexpr uint32_t kDynSmemBase = 1024;
+// The pair table with 256-byte rows at kDynSmemBase (entry v of lane l at kDynSmemBase + 256 v +
+// 4 l): the same sel as lookup_sel's puts byte `byte` of w next to lane4 = 4 l, which is 256 v + 4 l;
+// the table's address is the load's immediate. One PRMT a lookup (lookup_sel: PRMT and LEA.HI).
+__device__ __forceinline__ uint32_t wg_lookup(uint32_t lane4, uint32_t sel, uint32_t w) {
+  uint32_t r;
+  asm("ld.shared.u32 %0, [%1+%2];\n" : "=r"(r) : "r"(__byte_perm(w, lane4, sel)), "n"(kDynSmemBase));
+  return r;
+}
 // This lane's view of the table as one opaque register (otherwise the compiler splits the
 // window base back out and spends an extra add on every lookup).
 __device__ __forceinline__ uint32_t lane_table(const void* table, int lane) {

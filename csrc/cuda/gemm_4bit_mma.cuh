@@ -98,14 +98,15 @@ constexpr int kPairTableBytes = kPairTableWords * 4;
 // tid (+ n ...) once, from the code values its warp holds one a lane (shuffles, not 32 indexed
 // constant loads), and stores its 32 copies, copy (v + j) % 32 at step j, so that the 32 lanes of a
 // store hit 32 distinct banks. (Before: one store a round, two dependent constant loads each, 28-32
-// rounds a warp: 6-7% of the warpgroup kernel's samples on 4096x4096 at batch 128.)
-template <typename T>
+// rounds a warp: 6-7% of the warpgroup kernel's samples on 4096x4096 at batch 128.) ROW: words from
+// one entry's copies to the next's (32; 64 for the warpgroup kernel's wide table, upper halves unused).
+template <typename T, int ROW = 32>
 __device__ __forceinline__ void build_pair_table(uint32_t* tab, const float (&code)[16], int tid, int n) {
   const float mine = code[tid & 15];
   for (int v = tid; v < 256; v += n) {
     const uint32_t e = pack2<T>(__shfl_sync(0xFFFFFFFFu, mine, v >> 4), __shfl_sync(0xFFFFFFFFu, mine, v & 15));
 #pragma unroll
-    for (int j = 0; j < 32; ++j) tab[v * 32 + ((v + j) & 31)] = e;
+    for (int j = 0; j < 32; ++j) tab[v * ROW + ((v + j) & 31)] = e;
   }
 }
 template <typename T>

@@ -25,7 +25,8 @@ namespace gemm4 {
 // Warpgroup kernel (sm_90a; the wgmma pipeline is described in gemm_4bit_wgmma.cuh)
 // =============================================================================================
 // Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
-// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8.
+// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB; 64 KB at batch tile 128,
+// WgCfg::kWide), code8.
 // Stages: 6 at batch tile 64 (two blocks per SM fit), 5 at 256 (the most that fit), 8 at 128 with
 // one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
 // waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
@@ -42,11 +43,20 @@ struct WgCfg {
   static constexpr int kStages = STAGES;
   static constexpr int kAStage = BN * 128;
   static constexpr int kWStage = kRows * 32;
-  static constexpr int kWOff = kStages * kAStage;
-  static constexpr int kTabOff = kWOff + kStages * kWStage;
-  static constexpr int kCode8Off = kTabOff + mma::kPairTableBytes;
+  // kWide (batch tile 128, where 64 KB more fit): the pair table with 256-byte rows (entry v of lane
+  // l at 256 v + 4 l, the upper half of each row unused) first, at shared address kDynSmemBase, so
+  // that a lookup's address is one PRMT and the load's immediate (wg_lookup); else 128-byte rows
+  // after the rings, whose PRMT result takes a shift and an add (lookup_sel: one LEA.HI).
+  static constexpr bool kWide = BN == 128;
+  static constexpr int kTabRowWords = kWide ? 64 : 32;
+  static constexpr int kTabBytes = 256 * 4 * kTabRowWords;
+  static constexpr int kAOff = kWide ? kTabBytes : 0;
+  static constexpr int kWOff = kAOff + kStages * kAStage;
+  static constexpr int kTabOff = kWide ? 0 : kWOff + kStages * kWStage;
+  static constexpr int kCode8Off = kWide ? kWOff + kStages * kWStage : kTabOff + kTabBytes;
   static constexpr int kBarOff = kCode8Off + 1024;
   static constexpr int kSmem = kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
+  static_assert(kSmem <= 227 * 1024, "within sm_90's 227 KB of shared memory a block");
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
@@ -125,7 +135,8 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int64_t N = p.N, K = p.K;
   const int KT = static_cast<int>((K + C::kBK - 1) / C::kBK);
-  const uint32_t a_base = mma::smem_addr(smem), w_base = a_base + C::kWOff;
+  const uint32_t a_base = mma::smem_addr(smem) + C::kAOff, w_base = mma::smem_addr(smem) + C::kWOff;
+  const uint32_t desc_lo0 = wg::desc_lo_k_sw128(a_base);  // slot 0's activation tile
   // Tile t -> its batch rows m0 and W rows n0: groups of kGroupM batch tiles walk the W tiles
   // together, so a W tile is read from DRAM once per group. Walk: the same order one tile at a
   // time, with no division (the loop's cursors cross tiles with it).
@@ -288,9 +299,15 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
     }
   };
 
-  // Decode: lane c takes byte c of each packed word from the pair table (lookup_sel).
+  // Decode: lane c takes byte c of each packed word from the pair table (kWide: wg_lookup, the table
+  // at kDynSmemBase, which the host checked, wg_wide_table_ok, and the kernel asserts; else
+  // lookup_sel).
   const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
-  auto look = [&](uint32_t w) { return lookup_sel(tab_base, lane8, sel, w); };
+  if (C::kWide && tab_base != kDynSmemBase) __trap();
+  auto look = [&](uint32_t w) {
+    if constexpr (C::kWide) return wg_lookup(lane8 >> 1, sel, w);
+    else return lookup_sel(tab_base, lane8, sel, w);
+  };
   const uint32_t w_rd = w_base + wrow * 32;
   auto decode = [&](int slot, uint32_t (&a)[4][4]) {
     uint4 w[2][2];
@@ -317,7 +334,7 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   auto compute = [&](int slot, const uint32_t (&a)[4][4]) {
     wg::fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wg::mma_rs<T, BN>(acc, a[kk], wg::desc_k_sw128(a_base + slot * C::kAStage + 32 * kk));
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs<T, BN>(acc, a[kk], desc_lo0 + slot * (C::kAStage >> 4) + 2 * kk);
     wg::commit();
   };
 
@@ -392,7 +409,7 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   }
   // While the first tiles and scales are on their way: the table and the nested code, by the 8
   // consumer warps (the producer has left), then the consumers' barrier before any decode.
-  mma::build_pair_table<T>(tab, p.code, tid, C::kThreads);
+  mma::build_pair_table<T, C::kTabRowWords>(tab, p.code, tid, C::kThreads);
   off = stage_nested(p.absmax, code8, tid, C::kThreads);
   consumers_sync();
   // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:

@@ -70,10 +70,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int 
 // Matrix descriptor of a K-major tile with 128-byte rows, 128-byte swizzle (16-byte chunk c of row r
 // at r * 128 + ((c ^ (r % 8)) << 4), the tile 1024-byte aligned), 8-row groups 1024 bytes apart.
 // Fields: start address >> 4 (bits 0-13), leading byte offset >> 4 (16-29, unused here: 1), stride
-// byte offset >> 4 (32-45), swizzle mode (62-63, 1 = 128 bytes). k16 step j of the tile: + 32 j bytes.
-__device__ __forceinline__ uint64_t desc_k_sw128(uint32_t smem_address) {
-  return static_cast<uint64_t>((smem_address & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
+// byte offset >> 4 (32-45), swizzle mode (62-63, 1 = 128 bytes). Kept as two words: the low one
+// (start address and leading offset, desc_lo_k_sw128) varies, the high one is the constant kDescHi,
+// joined inside the wgmma's asm. A tile or k16 step at +bytes adds bytes >> 4 to the low word (k16
+// step j: + 2 j): shared addresses stay below 256 KB, so the 14-bit start field never carries.
+constexpr uint32_t kDescHi = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t desc_lo_k_sw128(uint32_t smem_address) {
+  return ((smem_address & 0x3FFFFu) >> 4) | (1u << 16);
 }
 
 // d (64 x N float32, the m64nN accumulator layout) += a (64 x 16 from registers) * B (N x 16, K-major
@@ -102,27 +105,29 @@ __device__ __forceinline__ uint64_t desc_k_sw128(uint32_t smem_address) {
   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 // One m64nNk16 wgmma with A from registers, scale-d = 1 (accumulate), no transposes; A0..ONE name the
-// operands after the N / 2 accumulators.
-#define NF4KIT_WG_MMA_RS(SHAPE, TY, REGS, DOPS, A0, A1, A2, A3, DESC, ONE)                                \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ONE ", 0;\n"                                       \
+// operands after the N / 2 accumulators (DESC the descriptor's low word) and HI, without its '%', the
+// high word's (the constant kDescHi, joined to DESC in the asm).
+#define NF4KIT_WG_MMA_RS(SHAPE, TY, REGS, DOPS, A0, A1, A2, A3, DESC, ONE, HI)                          \
+  asm volatile("{\n.reg .pred p;\n.reg .b64 dsc;\nsetp.ne.b32 p, " ONE ", 0;\n"                    \
+               "mov.b64 dsc, {" DESC ", %" HI "};\n"                                                 \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " {" REGS "}, {" A0 ", " A1 ", " A2 \
-               ", " A3 "}, " DESC ", p, 1, 1, 0;\n}\n"                                                  \
+               ", " A3 "}, dsc, p, 1, 1, 0;\n}\n"                                                  \
                : DOPS                                                                              \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc_lo), "r"(1), "r"(kDescHi))
 
 template <typename T, int N>
-__device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+__device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint32_t desc_lo) {
   static_assert(N == 64 || N == 128 || N == 256, "m64nNk16 with N = 64, 128 or 256");
   constexpr bool H = std::is_same_v<T, at::Half>;
   if constexpr (N == 64) {
-    if constexpr (H) NF4KIT_WG_MMA_RS("m64n64k16", "f16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37");
-    else NF4KIT_WG_MMA_RS("m64n64k16", "bf16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37");
+    if constexpr (H) NF4KIT_WG_MMA_RS("m64n64k16", "f16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37", "38");
+    else NF4KIT_WG_MMA_RS("m64n64k16", "bf16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37", "38");
   } else if constexpr (N == 128) {
-    if constexpr (H) NF4KIT_WG_MMA_RS("m64n128k16", "f16", NF4KIT_WG_R64, NF4KIT_WG_D64, "%64", "%65", "%66", "%67", "%68", "%69");
-    else NF4KIT_WG_MMA_RS("m64n128k16", "bf16", NF4KIT_WG_R64, NF4KIT_WG_D64, "%64", "%65", "%66", "%67", "%68", "%69");
+    if constexpr (H) NF4KIT_WG_MMA_RS("m64n128k16", "f16", NF4KIT_WG_R64, NF4KIT_WG_D64, "%64", "%65", "%66", "%67", "%68", "%69", "70");
+    else NF4KIT_WG_MMA_RS("m64n128k16", "bf16", NF4KIT_WG_R64, NF4KIT_WG_D64, "%64", "%65", "%66", "%67", "%68", "%69", "70");
   } else {
-    if constexpr (H) NF4KIT_WG_MMA_RS("m64n256k16", "f16", NF4KIT_WG_R128, NF4KIT_WG_D128, "%128", "%129", "%130", "%131", "%132", "%133");
-    else NF4KIT_WG_MMA_RS("m64n256k16", "bf16", NF4KIT_WG_R128, NF4KIT_WG_D128, "%128", "%129", "%130", "%131", "%132", "%133");
+    if constexpr (H) NF4KIT_WG_MMA_RS("m64n256k16", "f16", NF4KIT_WG_R128, NF4KIT_WG_D128, "%128", "%129", "%130", "%131", "%132", "%133", "134");
+    else NF4KIT_WG_MMA_RS("m64n256k16", "bf16", NF4KIT_WG_R128, NF4KIT_WG_D128, "%128", "%129", "%130", "%131", "%132", "%133", "134");
   }
 }
 #undef NF4KIT_WG_MMA_RS
