@@ -344,14 +344,16 @@ def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("wide", ["1", "0"])
 def test_cuda_wg_wide_table(dtype, wide, monkeypatch):
-    """Batch tile 128 (65..128 rows) decodes through the wide pair table (256-byte rows where the
-    dynamic shared memory starts, an address its lookups take as a constant once the host has
-    checked it); NF4KIT_WG_WIDE=0 takes the fallback, batch tile 256. Both against the reference and
-    bit for bit between two runs: every scale mode (blocksize 32, 128, and 64 with the packed scales),
-    nested and plain, NF4 and FP4, partial tiles, one block per tile and stream-K."""
+    """Batch tiles 64 and 128 (up to 128 rows) decode through the wide pair table (256-byte rows where
+    the dynamic shared memory starts, an address its lookups take as a constant once the host has
+    checked it; code8 and the mbarriers in the rows' unused halves); NF4KIT_WG_WIDE=0 takes the
+    fallback, batch tile 256. Both against the reference and bit for bit between two runs: every
+    scale mode (blocksize 32, 128, and 64 with the packed scales), nested and plain, NF4 and FP4,
+    partial tiles, one block per tile and stream-K."""
     monkeypatch.setenv("NF4KIT_WG_WIDE", wide)
     cases = [(65, 300, 1024, 64, True, "nf4"), (128, 131, 2048, 32, False, "fp4"), (100, 257, 1024, 128, True, "nf4"),
-             (77, 1000, 4096, 64, False, "fp4"), (96, 129, 2048, 256, True, "fp4")]
+             (77, 1000, 4096, 64, False, "fp4"), (96, 129, 2048, 256, True, "fp4"), (40, 257, 2048, 64, True, "nf4"),
+             (64, 131, 1024, 32, True, "fp4"), (33, 1000, 4096, 128, False, "nf4")]
     for path in ("wg", "wgsk"):
         check_repeatable(path, cases, dtype, 330, f"{path} wide table {wide}")
 

@@ -816,10 +816,10 @@ void launch_tc(const GemmParams& p, cudaStream_t stream) {
   NF4KIT_LAUNCH_CHECK();
 }
 
-// The warpgroup kernel's wide pair table (batch tile 128) sits where the dynamic shared memory
-// starts, which its lookups take as the constant kDynSmemBase: a one-thread kernel looks once per
-// device (a call on a stream being captured into a CUDA graph does not synchronise: it takes batch
-// tile 256 until a plain call has looked). Development aid: NF4KIT_WG_WIDE=0 answers no.
+// The warpgroup kernel's wide pair table (batch tiles 64 and 128) sits where the dynamic shared
+// memory starts, which its lookups take as the constant kDynSmemBase: a one-thread kernel looks once
+// per device (a call on a stream being captured into a CUDA graph does not synchronise: it takes
+// batch tile 256 until a plain call has looked). Development aid: NF4KIT_WG_WIDE=0 answers no.
 __global__ void dyn_smem_base_kernel(uint32_t* out) {
   extern __shared__ __align__(16) uint8_t smem[];
   *out = mma::smem_addr(smem);
@@ -931,7 +931,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
       int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
-      if (bn > 64 && bn <= 128 && !wg_wide_table_ok(stream)) bn = 256;
+      if (bn <= 128 && !wg_wide_table_ok(stream)) bn = 256;
       const int split = path == forced.path ? forced.split : -1;
       if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
       else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);

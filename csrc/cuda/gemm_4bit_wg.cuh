@@ -25,9 +25,12 @@ namespace gemm4 {
 // Warpgroup kernel (sm_90a; the wgmma pipeline is described in gemm_4bit_wgmma.cuh)
 // =============================================================================================
 // Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
-// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB; 64 KB at batch tile 128,
-// WgCfg::kWide), code8.
-// Stages: 6 at batch tile 64 (two blocks per SM fit), 5 at 256 (the most that fit), 8 at 128 with
+// the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8, the mbarriers; at
+// batch tile 128 and at 64 with one block per tile (wg_wide) the 64 KB pair table first, then the
+// rings (at 64 code8 and the mbarriers in the table rows' unused halves).
+// Stages: 4 at batch tile 64 with one block per tile (two blocks per SM fit: 112 KB each; 6 with
+// the 32 KB table before the sixteenth session, which stream-K at 64 keeps: not measured with the
+// wide table), 5 at 256 (the most that fit), 8 at 128 with
 // one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
 // waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
 // median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log), and 8 for
@@ -35,28 +38,36 @@ namespace gemm4 {
 // 14336x4096 at batch 96 / 128 0.0502 / 0.0508 -> 0.0492 / 0.0499 ms, h100/ab_paths_sk8.log);
 // stream-K with the other scale modes keeps 5.
 constexpr int wg_stages(int bn, bool sk, int scales = 2) {
-  return bn == 64 ? 6 : bn == 128 && (!sk || scales == 2) ? 8 : 5;
+  return bn == 64 ? (sk ? 6 : 4) : bn == 128 && (!sk || scales == 2) ? 8 : 5;
 }
+// The 64 KB pair table (WgCfg::kWide): batch tile 128, and 64 at 4 stages (one block per tile).
+constexpr bool wg_wide(int bn, int stages) { return bn == 128 || (bn == 64 && stages == 4); }
 template <int BN, int STAGES = wg_stages(BN, false)>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
   static constexpr int kStages = STAGES;
   static constexpr int kAStage = BN * 128;
   static constexpr int kWStage = kRows * 32;
-  // kWide (batch tile 128, where 64 KB more fit): the pair table with 256-byte rows (entry v of lane
-  // l at 256 v + 4 l, the upper half of each row unused) first, at shared address kDynSmemBase, so
-  // that a lookup's address is one PRMT and the load's immediate (wg_lookup); else 128-byte rows
-  // after the rings, whose PRMT result takes a shift and an add (lookup_sel: one LEA.HI).
-  static constexpr bool kWide = BN == 128;
+  // kWide (wg_wide, where 64 KB fit): the pair table with 256-byte rows (entry v of lane l at
+  // 256 v + 4 l) first, at shared address kDynSmemBase, so that a lookup's address is one PRMT and
+  // the load's immediate (wg_lookup); else 128-byte rows after the rings, whose PRMT result takes a
+  // shift and an add (lookup_sel: one LEA.HI). kHoles (wide at batch tile 64, two blocks an SM):
+  // code8 in the unused upper halves of the table's rows 0..7 (entry q at float q + (q & 0xE0) from
+  // kCode8Off: code8_index), the 2 S mbarriers in row 8's, and no room to align the base (the kernel
+  // asserts it is kDynSmemBase, 1024-aligned).
+  static constexpr bool kWide = wg_wide(BN, STAGES), kHoles = kWide && BN == 64;
   static constexpr int kTabRowWords = kWide ? 64 : 32;
   static constexpr int kTabBytes = 256 * 4 * kTabRowWords;
   static constexpr int kAOff = kWide ? kTabBytes : 0;
   static constexpr int kWOff = kAOff + kStages * kAStage;
   static constexpr int kTabOff = kWide ? 0 : kWOff + kStages * kWStage;
-  static constexpr int kCode8Off = kWide ? kWOff + kStages * kWStage : kTabOff + kTabBytes;
-  static constexpr int kBarOff = kCode8Off + 1024;
-  static constexpr int kSmem = kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
+  static constexpr int kCode8Off = kHoles ? 128 : kWide ? kWOff + kStages * kWStage : kTabOff + kTabBytes;
+  static constexpr int kBarOff = kHoles ? 8 * 256 + 128 : kCode8Off + 1024;
+  static_assert(!kHoles || 16 * kStages <= 128, "the mbarriers fit in a row's upper half");
+  static constexpr int kSmem = kHoles ? kWOff + kStages * kWStage
+                                      : kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
   static_assert(kSmem <= 227 * 1024, "within sm_90's 227 KB of shared memory a block");
+  static_assert(BN != 64 || 2 * (kSmem + 1024) <= 228 * 1024, "two blocks an SM at batch tile 64");
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
@@ -113,8 +124,12 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   constexpr int NS = UNIFORM ? 2 : 4;  // scales per lane and tile
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (mma::smem_addr(smem_raw) & 1023u)) & 1023u);
+  // kWide: the lookups take the table's address as a constant (kHoles: and the layout has no room
+  // to align); the host checked it (wg_wide_table_ok) before launching.
+  if (C::kWide && mma::smem_addr(smem_raw) != kDynSmemBase) __trap();
   uint32_t* tab = reinterpret_cast<uint32_t*>(smem + C::kTabOff);
   float* code8 = reinterpret_cast<float*>(smem + C::kCode8Off);
+  auto code8_index = [](uint32_t q) { return C::kHoles ? q + (q & 0xE0u) : q; };
   // full[s] (bar0 + 8 s): the tile in slot s landed (one arrival, the producer's, plus the copies'
   // bytes); empty[s] (bar0 + 8 (S + s)): all 8 warps are done with it (their wgmma group included).
   const uint32_t bar0 = mma::smem_addr(smem + C::kBarOff);
@@ -266,7 +281,7 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   uint32_t s2[NS];
   auto finish = [&](const uint32_t (&q)[NS], const float (&v)[NS]) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[q[j]], v[j], off) : v[j]);
+    for (int j = 0; j < NS; ++j) s2[j] = mma::splat2<T>(NESTED ? nested_absmax_value(code8[code8_index(q[j])], v[j], off) : v[j]);
   };
   // PACK (blocksize 64, KT % 4 == 0; groups of 4 k tiles never straddle a share or a tile): the
   // absmax of k tiles kt .. kt + 3 (kt % 4 == 0) of a row are the 4 bytes at row * KT + kt, one
@@ -293,17 +308,15 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   auto finish_group = [&](int i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float v = NESTED ? nested_absmax_value(code8[(gq[1][h] >> (8 * i)) & 0xFFu], gv[1][h].x, off)
+      const float v = NESTED ? nested_absmax_value(code8[code8_index((gq[1][h] >> (8 * i)) & 0xFFu)], gv[1][h].x, off)
                              : (i == 0 ? gv[1][h].x : i == 1 ? gv[1][h].y : i == 2 ? gv[1][h].z : gv[1][h].w);
       s2[h] = mma::splat2<T>(v);
     }
   };
 
   // Decode: lane c takes byte c of each packed word from the pair table (kWide: wg_lookup, the table
-  // at kDynSmemBase, which the host checked, wg_wide_table_ok, and the kernel asserts; else
-  // lookup_sel).
+  // at kDynSmemBase, asserted above; else lookup_sel).
   const uint32_t tab_base = mma::smem_addr(tab), lane8 = 8u * lane, sel = 0x5504u | (static_cast<uint32_t>(c) << 4);
-  if (C::kWide && tab_base != kDynSmemBase) __trap();
   auto look = [&](uint32_t w) {
     if constexpr (C::kWide) return wg_lookup(lane8 >> 1, sel, w);
     else return lookup_sel(tab_base, lane8, sel, w);
@@ -410,7 +423,14 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
   // While the first tiles and scales are on their way: the table and the nested code, by the 8
   // consumer warps (the producer has left), then the consumers' barrier before any decode.
   mma::build_pair_table<T, C::kTabRowWords>(tab, p.code, tid, C::kThreads);
-  off = stage_nested(p.absmax, code8, tid, C::kThreads);
+  if constexpr (C::kHoles) {
+    if constexpr (NESTED) {
+      for (int i = tid; i < 256; i += C::kThreads) code8[code8_index(i)] = p.absmax.nested_code[i];
+      off = __ldg(p.absmax.offset);
+    }
+  } else {
+    off = stage_nested(p.absmax, code8, tid, C::kThreads);
+  }
   consumers_sync();
   // r_kt: the k tile of iteration j + LA, the first whose scales the group of 4 from j loads (SK:
   // groups never straddle tiles, so the cursor moves to the next tile only between groups).
