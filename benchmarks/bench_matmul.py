@@ -300,48 +300,45 @@ def profile(path: str, M: int, K=8192, N=28672, reps=3):
 def sanitize():
     """Each kernel once at odd shapes, small enough for compute-sanitizer; checks the results too."""
     import nf4kit.functional as F
-    from nf4kit import reference as R
     torch.manual_seed(0)
     worst = 0.0
+    # (path spec, M, N, K): an NF4KIT_GEMM_PATH value and development variables, as path_env reads them
+    skinny_rows32, thread = "skinny:NF4KIT_SKINNY_ROWS=32", "NF4KIT_WG_PRODUCER=thread"
     cases = [("skinny", 1, 33, 96), ("skinny", 5, 70, 4128), ("skinny", 17, 31, 160), ("skinny", 32, 129, 64),
              ("skinny", 12, 95, 256), ("skinny", 45, 64, 192), ("skinny", 64, 130, 4128), ("skinny", 57, 33, 1056),  # 33..64: the wide pass
-             ("skinny+wide0", 45, 64, 192),  # ... and in slices of 32
-             ("skinny+rows32", 1, 33, 96), ("skinny+rows32", 5, 70, 4128), ("skinny+rows32", 12, 95, 1024),
-             ("skinny+rows32", 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
-             ("skinny+rows32", 1, 64, 512), ("skinny+rows32", 3, 64, 1536), ("skinny+rows32", 9, 64, 2560),  # 1, 3, 5 stages (V2's prologue)
+             ("skinny:NF4KIT_SKINNY_WIDE=0", 45, 64, 192),  # ... and in slices of 32
+             (skinny_rows32, 1, 33, 96), (skinny_rows32, 5, 70, 4128), (skinny_rows32, 12, 95, 1024),
+             (skinny_rows32, 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
+             (skinny_rows32, 1, 64, 512), (skinny_rows32, 3, 64, 1536), (skinny_rows32, 9, 64, 2560),  # 1, 3, 5 stages (V2's prologue)
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)
              ("wgsk", 33, 129, 512), ("wgsk", 100, 300, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
-             ("wgdp:3", 70, 2500, 512), ("wgdp:5", 300, 1100, 1024),  # DP + SK on a grid of 3 / 5 blocks
-             ("wg+thread", 100, 300, 512), ("wgsk+thread", 128, 300, 1024),  # batch tile 128: thread 0 producing
-             ("wgdp:3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
-             ("wg", 200, 300, 512), ("wgdp:3", 260, 900, 512), ("wg+thread", 200, 300, 512),  # batch tile 256: the producer warpgroup, and thread 0
+             ("wgdp:NF4KIT_WG_GRID=3", 70, 2500, 512), ("wgdp:NF4KIT_WG_GRID=5", 300, 1100, 1024),  # DP + SK on 3 / 5 blocks
+             ("wg:" + thread, 100, 300, 512), ("wgsk:" + thread, 128, 300, 1024),  # batch tile 128: thread 0 producing
+             ("wgdp:NF4KIT_WG_GRID=3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
+             # batch tile 256: the producer warpgroup, and thread 0
+             ("wg", 200, 300, 512), ("wgdp:NF4KIT_WG_GRID=3", 260, 900, 512), ("wg:" + thread, 200, 300, 512),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
-    for path, M, N, K in cases:
-        path, _, producer = path.partition("+")
-        path, _, grid = path.partition(":")
-        rows = producer[4:] if producer.startswith("rows") else ""
-        wide = "0" if producer == "wide0" else ""
-        producer = "" if rows or wide else producer
+    unset = dict.fromkeys(("NF4KIT_WG_GRID", "NF4KIT_WG_PRODUCER", "NF4KIT_SKINNY_ROWS", "NF4KIT_SKINNY_WIDE"), "")
+    for spec, M, N, K in cases:
+        variables = {**unset, **path_env(spec)}
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype)
-            with env(NF4KIT_GEMM_PATH=path, NF4KIT_WG_GRID=grid, NF4KIT_WG_PRODUCER=producer, NF4KIT_SKINNY_ROWS=rows,
-                     NF4KIT_SKINNY_WIDE=wide):
+            with env(**variables):
                 out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()
             ref = A.double() @ Wd.t() + bias.double()
             err = float((out.double() - ref).norm() / ref.norm())
             worst = max(worst, err)
-            print(f"{path:8s} M={M} N={N} K={K} {dtype} {qt} bs={bs} nested={nested}: rel err {err:.2e}")
+            print(f"{spec:8s} M={M} N={N} K={K} {dtype} {qt} bs={bs} nested={nested}: rel err {err:.2e}")
     print(f"sanitize run done, worst rel err {worst:.2e}")
     assert worst < 2e-2, worst
-    _ = R
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 // Probe (device): the shared-window address where a kernel's dynamic shared memory starts, for a
 // kernel with no static shared memory (as the skinny and warpgroup kernels), at a small and at the
-// largest opt-in size. The warpgroup kernel's wide pair table takes its one-PRMT lookups (wg_lookup
-// ZB) only where that address is a multiple of 64 KB.
+// largest opt-in size. H200, driver 580 (sixteenth session): 1024 at every size (the 1 KB the driver
+// reserves a block comes first). The warpgroup kernel's wide pair table sits there and its lookups
+// take that address as a constant (kDynSmemBase; the host checks it with the same kind of kernel,
+// wg_wide_table_ok).
 //   nvcc -O2 -arch=sm_90a -o /tmp/smem_base benchmarks/probes/smem_base.cu && /tmp/smem_base
 #include <cstdio>
 #include <cstdint>
