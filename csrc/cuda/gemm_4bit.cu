@@ -439,7 +439,7 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
   }
 }
 
-// Three blocks per SM at one n8 tile (shared memory allows three: 66.5 KB each), two at 2-4, one at
+// Three blocks per SM at one n8 tile (shared memory allows three: 73.3 KB each), two at 2-4, one at
 // 8 (the wide launch: 64 accumulators and 64 activation registers a thread).
 template <typename T, int NT, int MODE, int ROWS, bool V2>
 __global__ void __launch_bounds__(kSkinnyWarps * 32, NT == 1 ? 3 : (NT <= 4 ? 2 : 1))
