@@ -314,13 +314,16 @@ def sanitize():
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)
              ("wgsk", 33, 129, 512), ("wgsk", 100, 300, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
+             ("wg", 24, 300, 512), ("wg:NF4KIT_WG_BN=32", 45, 129, 512), ("wgsk:NF4KIT_WG_BN=32", 33, 300, 512),  # batch tile 32
+             ("wg:NF4KIT_WG_BN=64", 7, 300, 96),  # batch tile 64 below 33 rows
              ("wgdp:NF4KIT_WG_GRID=3", 70, 2500, 512), ("wgdp:NF4KIT_WG_GRID=5", 300, 1100, 1024),  # DP + SK on 3 / 5 blocks
              ("wg:" + thread, 100, 300, 512), ("wgsk:" + thread, 128, 300, 1024),  # batch tile 128: thread 0 producing
              ("wgdp:NF4KIT_WG_GRID=3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
              # batch tile 256: the producer warpgroup, and thread 0
              ("wg", 200, 300, 512), ("wgdp:NF4KIT_WG_GRID=3", 260, 900, 512), ("wg:" + thread, 200, 300, 512),
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
-    unset = dict.fromkeys(("NF4KIT_WG_GRID", "NF4KIT_WG_PRODUCER", "NF4KIT_SKINNY_ROWS", "NF4KIT_SKINNY_WIDE"), "")
+    unset = dict.fromkeys(("NF4KIT_WG_GRID", "NF4KIT_WG_PRODUCER", "NF4KIT_WG_BN", "NF4KIT_SKINNY_ROWS",
+                           "NF4KIT_SKINNY_WIDE"), "")
     for spec, M, N, K in cases:
         variables = {**unset, **path_env(spec)}
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):

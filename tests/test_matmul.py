@@ -359,6 +359,21 @@ def test_cuda_wg_wide_table(dtype, wide, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wg_tile32(dtype, monkeypatch):
+    """Batch tile 32 (m64n32k16 wgmma, the wide table with code8 and the mbarriers in its holes, 6
+    stages, two blocks an SM), forced with NF4KIT_WG_BN=32: one and several batch tiles, partial
+    ones, every scale mode, nested and plain, NF4 and FP4, one block per tile and stream-K; against
+    the reference and bit for bit between two runs."""
+    monkeypatch.setenv("NF4KIT_WG_BN", "32")
+    cases = [(1, 300, 1024, 64, True, "nf4"), (17, 131, 2048, 32, False, "fp4"), (32, 257, 1024, 128, True, "nf4"),
+             (25, 1000, 4096, 64, False, "fp4"), (77, 129, 2048, 256, True, "fp4"), (32, 257, 2048, 64, True, "nf4"),
+             (9, 131, 1024, 32, True, "fp4"), (64, 1000, 4096, 128, False, "nf4")]
+    for path in ("wg", "wgsk"):
+        check_repeatable(path, cases, dtype, 370, f"{path} batch tile 32")
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 def test_cuda_wg_dp_stream_k_auto_long_k():
     """Batch past 1024 on long K (the fused kernel with DP + SK, up to batch 2048): more
     tiles than SMs, not a whole number of waves, partial last batch and row tiles; two runs agree

@@ -3,7 +3,7 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, or 24 on long K: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
+//  * skinny (M <= 32, or 16 with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
 //    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
@@ -11,7 +11,8 @@
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
-//  * warpgroup kernel (sm_90a, 32 < M <= 512, or 24 < M <= 2048 for K >= 8192): wgmma with W decoded
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, 16 < M with many row tiles, up to 2048 for K >= 8192;
+//    batch tiles 32, 64, 128, 256: wg_tile_n): wgmma with W decoded
 //    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp at
 //    batch tile 128, a warpgroup at 256), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
@@ -48,7 +49,8 @@
 namespace nf4kit {
 namespace cuda {
 namespace gemm4 {
-// The warpgroup kernel's launches are compiled in gemm_4bit_wg64/128/256.cu.
+// The warpgroup kernel's launches are compiled in gemm_4bit_wg32/64/128/256.cu.
+NF4KIT_WG_EXTERN(32)
 NF4KIT_WG_EXTERN(64)
 NF4KIT_WG_EXTERN(128)
 NF4KIT_WG_EXTERN(256)
@@ -687,7 +689,8 @@ PathChoice path_override() {
 // benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
-//                Since the ninth session 25..32 on long K go to the warpgroup kernel (kWgFromM).
+//                Since the seventeenth session 17..32 go to the warpgroup kernel at batch tile 32
+//                where it has at least half a block per SM (kWgFromM).
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
@@ -708,11 +711,15 @@ PathChoice path_override() {
 //                skinny kernel in one wide pass (below, at `wide`; fourteenth session).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
-// From 25 rows on, with K >= 8192 and many row tiles, the warpgroup kernel (batch tile 64): H100,
-// ninth session, 8192x28672, 5 interleaved rounds, skinny vs warpgroup: batch 16 0.0837 vs 0.1028 ms,
-// 24 0.0970 vs 0.0994, 32 0.1030 vs 0.0953 (4096x14336 at 32, skinny, 0.0375 ms, and at 64, warpgroup,
-// 0.0376: no gain to take there).
-constexpr int64_t kWgFromM = 25;
+// From 17 rows on, with many row tiles, the warpgroup kernel at batch tile 32 (wg_tile_n). H200,
+// seventeenth session, 5 interleaved rounds (h200/experiments/ab_paths_tile32_run1.log and
+// ab_builds_s17_run1.log), fp16, ms: 8192x28672 at 24 / 32 0.0752 / 0.0759 against 0.0912 (skinny,
+// four n8 tiles) / 0.0881 (batch tile 64); 4096x14336 at 24 / 32 0.0316 / 0.0322 against 0.0342 /
+// 0.0370 (skinny). Not at 9..16, where the skinny kernel with two n8 tiles is ahead (8192x28672 at 9 /
+// 16 0.0687 / 0.0725 against 0.0750 / 0.0751), nor with few row tiles (14336x4096: 32 of them, 0.089
+// ms one block per tile against the skinny kernel's 0.034). Before: 25..32 on K >= 8192 at batch tile
+// 64 (ninth session).
+constexpr int64_t kWgFromM = 17;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
@@ -896,8 +903,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                       : wg_ok && a.K < kWgLongK && wg_tiles(a.M, a.N) * 2 < sms);
   if (path == Path::Auto) {
     const int64_t wg_n = wg_tiles(a.M, a.N);
-    // 25..32 rows on long K with many row tiles: the warpgroup kernel (kWgFromM)
-    const bool wg_early = wg_ok && a.M >= kWgFromM && a.K >= kWgLongK && wg_n * 2 >= sms;
+    // 17..32 rows with many row tiles: the warpgroup kernel at batch tile 32 (kWgFromM)
+    const bool wg_early = wg_ok && a.M >= kWgFromM && wg_n * 2 >= sms;
     if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))
@@ -933,7 +940,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
       int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
       if (bn <= 128 && !wg_wide_table_ok(stream)) bn = 256;
       const int split = path == forced.path ? forced.split : -1;
-      if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
+      if (bn <= 32) launch_wg<T, 32>(p, uniform, split, stream);
+      else if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);
       else if (bn <= 128) launch_wg<T, 128>(p, uniform, split, stream);
       else launch_wg<T, 256>(p, uniform, split, stream);
     } else if (a.M <= 128) {

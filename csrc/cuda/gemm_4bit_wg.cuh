@@ -1,7 +1,7 @@
 // The fused 4-bit matmul's warpgroup kernel (sm_90a) and its host launch, launch_wg<T, BN>: the
 // kernel is described below and its wgmma pipeline in gemm_4bit_wgmma.cuh; the dispatch that calls
-// it is gemm_4bit_cuda in gemm_4bit.cu. Compiled in three units, one per batch tile
-// (gemm_4bit_wg64/128/256.cu, NF4KIT_WG_INSTANTIATE), so that a build compiles them in parallel; its
+// it is gemm_4bit_cuda in gemm_4bit.cu. Compiled in four units, one per batch tile
+// (gemm_4bit_wg32/64/128/256.cu, NF4KIT_WG_INSTANTIATE), so that a build compiles them in parallel; its
 // 72 kernel instantiations were 83% of gemm_4bit.cu's SASS when they lived there.
 #pragma once
 
@@ -26,11 +26,12 @@ namespace gemm4 {
 // =============================================================================================
 // Shared memory: the activation ring (S x BN rows of 128 bytes, 1024-byte aligned for the swizzle),
 // the packed-W ring (S x 128 rows of 32 bytes), the pair table (32 KB), code8, the mbarriers; at
-// batch tile 128 and at 64 with one block per tile (wg_wide) the 64 KB pair table first, then the
-// rings (at 64 code8 and the mbarriers in the table rows' unused halves).
-// Stages: 4 at batch tile 64 with one block per tile (two blocks per SM fit: 112 KB each; 6 with
-// the 32 KB table before the sixteenth session, which stream-K at 64 keeps: not measured with the
-// wide table), 5 at 256 (the most that fit), 8 at 128 with
+// batch tiles 32, 64 and 128 (wg_wide) the 64 KB pair table first, then the rings (at 32 and 64
+// code8 and the mbarriers in the table rows' unused halves).
+// Stages: 6 at batch tile 32 and 4 at 64 (two blocks per SM fit: 112 KB each; at 64, 6 with the
+// 32 KB table before the sixteenth session; stream-K at 64 on the wide table since the seventeenth,
+// H200, 4 rounds, h200/experiments/ab_builds_s17_run1.log: 14336x4096 at 48 / 64 0.0398 / 0.0400 ->
+// 0.0390 / 0.0396 ms), 5 at 256 (the most that fit), 8 at 128 with
 // one block per tile (ncu source counters at batch 128, eighth session: 13% of the warps' samples
 // waited for a tile's copies with 5; 8 stages took 8192x28672 at batch 128 from 0.1653 to 0.1542 ms,
 // median of 7 interleaved rounds, benchmarks/results/h200/experiments/ab_paths_run3.log), and 8 for
@@ -38,10 +39,12 @@ namespace gemm4 {
 // 14336x4096 at batch 96 / 128 0.0502 / 0.0508 -> 0.0492 / 0.0499 ms, h100/ab_paths_sk8.log);
 // stream-K with the other scale modes keeps 5.
 constexpr int wg_stages(int bn, bool sk, int scales = 2) {
-  return bn == 64 ? (sk ? 6 : 4) : bn == 128 && (!sk || scales == 2) ? 8 : 5;
+  return bn == 32 ? 6 : bn == 64 ? 4 : bn == 128 && (!sk || scales == 2) ? 8 : 5;
 }
-// The 64 KB pair table (WgCfg::kWide): batch tile 128, and 64 at 4 stages (one block per tile).
-constexpr bool wg_wide(int bn, int stages) { return bn == 128 || (bn == 64 && stages == 4); }
+// The 64 KB pair table (WgCfg::kWide): batch tiles 32, 64 and 128 at their stages above.
+constexpr bool wg_wide(int bn, int stages) {
+  return bn == 128 || (bn == 64 && stages == 4) || (bn == 32 && stages == 6);
+}
 template <int BN, int STAGES = wg_stages(BN, false)>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
@@ -51,11 +54,11 @@ struct WgCfg {
   // kWide (wg_wide, where 64 KB fit): the pair table with 256-byte rows (entry v of lane l at
   // 256 v + 4 l) first, at shared address kDynSmemBase, so that a lookup's address is one PRMT and
   // the load's immediate (wg_lookup); else 128-byte rows after the rings, whose PRMT result takes a
-  // shift and an add (lookup_sel: one LEA.HI). kHoles (wide at batch tile 64, two blocks an SM):
+  // shift and an add (lookup_sel: one LEA.HI). kHoles (wide at batch tile 32 or 64, two blocks an SM):
   // code8 in the unused upper halves of the table's rows 0..7 (entry q at float q + (q & 0xE0) from
   // kCode8Off: code8_index), the 2 S mbarriers in row 8's, and no room to align the base (the kernel
   // asserts it is kDynSmemBase, 1024-aligned).
-  static constexpr bool kWide = wg_wide(BN, STAGES), kHoles = kWide && BN == 64;
+  static constexpr bool kWide = wg_wide(BN, STAGES), kHoles = kWide && BN <= 64;
   static constexpr int kTabRowWords = kWide ? 64 : 32;
   static constexpr int kTabBytes = 256 * 4 * kTabRowWords;
   static constexpr int kAOff = kWide ? kTabBytes : 0;
@@ -67,7 +70,7 @@ struct WgCfg {
   static constexpr int kSmem = kHoles ? kWOff + kStages * kWStage
                                       : kBarOff + 16 * kStages + 1024;  // + room to align the base to 1024
   static_assert(kSmem <= 227 * 1024, "within sm_90's 227 KB of shared memory a block");
-  static_assert(BN != 64 || 2 * (kSmem + 1024) <= 228 * 1024, "two blocks an SM at batch tile 64");
+  static_assert(BN > 64 || 2 * (kSmem + 1024) <= 228 * 1024, "two blocks an SM at batch tiles 32 and 64");
   static constexpr int kGroupM = 4;                      // raster: 4 batch tiles share a W tile's pass
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
@@ -519,7 +522,7 @@ inline CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, uin
   return map;
 }
 
-inline int64_t wg_tile_n(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }  // the batch tile by batch
+inline int64_t wg_tile_n(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : M <= 128 ? 128 : 256; }  // the batch tile by batch
 inline int64_t wg_tiles(int64_t M, int64_t N) { return ceil_div(N, 128) * ceil_div(M, wg_tile_n(M)); }
 // Stream-K where it measured faster (H200, benchmarks/results/h200/wgsk_probe.log and the seventh
 // session's bench runs): only where whole tiles would keep fewer than half the SMs busy (shapes that

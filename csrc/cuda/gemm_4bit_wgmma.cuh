@@ -82,12 +82,14 @@ __device__ __forceinline__ uint32_t desc_lo_k_sw128(uint32_t smem_address) {
 // d (64 x N float32, the m64nN accumulator layout) += a (64 x 16 from registers) * B (N x 16, K-major
 // in shared memory, by descriptor).
 // The accumulator operands: registers %0 .. %(N/2 - 1), then A's four and the descriptor.
-#define NF4KIT_WG_R32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define NF4KIT_WG_R16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define NF4KIT_WG_R32 NF4KIT_WG_R16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define NF4KIT_WG_R64 NF4KIT_WG_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define NF4KIT_WG_R128 NF4KIT_WG_R64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define NF4KIT_WG_D32 \
+#define NF4KIT_WG_D16 \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define NF4KIT_WG_D32 NF4KIT_WG_D16, \
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define NF4KIT_WG_D64 NF4KIT_WG_D32, \
@@ -117,9 +119,12 @@ __device__ __forceinline__ uint32_t desc_lo_k_sw128(uint32_t smem_address) {
 
 template <typename T, int N>
 __device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint32_t desc_lo) {
-  static_assert(N == 64 || N == 128 || N == 256, "m64nNk16 with N = 64, 128 or 256");
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256, "m64nNk16 with N = 32, 64, 128 or 256");
   constexpr bool H = std::is_same_v<T, at::Half>;
-  if constexpr (N == 64) {
+  if constexpr (N == 32) {
+    if constexpr (H) NF4KIT_WG_MMA_RS("m64n32k16", "f16", NF4KIT_WG_R16, NF4KIT_WG_D16, "%16", "%17", "%18", "%19", "%20", "%21", "22");
+    else NF4KIT_WG_MMA_RS("m64n32k16", "bf16", NF4KIT_WG_R16, NF4KIT_WG_D16, "%16", "%17", "%18", "%19", "%20", "%21", "22");
+  } else if constexpr (N == 64) {
     if constexpr (H) NF4KIT_WG_MMA_RS("m64n64k16", "f16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37", "38");
     else NF4KIT_WG_MMA_RS("m64n64k16", "bf16", NF4KIT_WG_R32, NF4KIT_WG_D32, "%32", "%33", "%34", "%35", "%36", "%37", "38");
   } else if constexpr (N == 128) {
