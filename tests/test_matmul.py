@@ -330,13 +330,14 @@ def test_cuda_skinny_wide(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])
 def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
-    """At batch tiles 128 and 256 with the packed scales a producer (a ninth warp; at 256 a third
-    warpgroup, with setmaxnreg) issues the copies, the whole ring ahead (the default;
+    """With the packed scales a producer (a ninth warp; at batch tile 256 a third warpgroup, with
+    setmaxnreg) issues the copies, the whole ring ahead (the default;
     NF4KIT_WG_PRODUCER=warp names it); NF4KIT_WG_PRODUCER=thread keeps thread 0 of warp 0 producing
     between its own steps. Same sums in the same order, so bit
     for bit equal; partial tiles, nested and plain, one block per tile, stream-K and DP + SK."""
     cases = ((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True),
-             (200, 300, 1024, True), (256, 131, 2048, False))  # the last two: batch tile 256
+             (200, 300, 1024, True), (256, 131, 2048, False),  # these two: batch tile 256
+             (24, 300, 2048, True), (17, 131, 1024, False), (48, 1000, 4096, True), (64, 131, 1024, False))  # 32, 64
     check_switch_identical(monkeypatch, path, cases, dtype, 120, "NF4KIT_WG_PRODUCER", "warp", "thread", "producer warp")
 
 

@@ -13,8 +13,8 @@
 //    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, 16 < M with many row tiles, up to 2048 for K >= 8192;
 //    batch tiles 32, 64, 128, 256: wg_tile_n): wgmma with W decoded
-//    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp at
-//    batch tile 128, a warpgroup at 256), mbarriers (gemm_4bit_wgmma.cuh); one
+//    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp, a
+//    warpgroup at batch tile 256, thread 0 at 64 without stream-K), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
 //    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of

@@ -75,10 +75,16 @@ struct WgCfg {
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
 // Threads of a block: the two consumer warpgroups (kThreads), plus the producer (PW): one warp at
-// batch tile 128, a whole warpgroup at 256, so that setmaxnreg can move its registers to the
+// batch tiles 32, 64 and 128, a whole warpgroup at 256, so that setmaxnreg can move its registers to the
 // consumers (at 288 threads ptxas allots 168 registers a thread, and batch tile 256 needs up to 254:
 // 384 threads with 232 for the consumers (up to 219 used, no spill) and 40 for the producers).
 constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
+// The producer (PW) by default (launch_wg, with the packed scales) where it measured faster: batch
+// tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
+constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
+// Two blocks an SM at batch tiles 32 and 64 (one block per tile): with the producer warp, 288 threads
+// a block, hence the launch bound (ptxas: 76-80 registers, no spill); stream-K's grid is one block an SM.
+constexpr int wg_min_blocks(int bn, bool pw, bool sk) { return bn <= 64 && pw && !sk ? 2 : 1; }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -117,7 +123,7 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // tile 256 a whole third warpgroup, see kWgThreads); without it thread 0 of warp 0 produces between
 // its own steps, S - 2 slots ahead.
 template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
-__global__ void __launch_bounds__(kWgThreads<BN, PW>, 1)
+__global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK))
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -631,18 +637,22 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   // 0.0427 -> 0.0386 / 0.0388; 14336x4096 (stream-K) at 128 0.0503 -> 0.0465
   // (h100/ab_paths_producer_warp.log); batch tile 256 (tenth session) 8192x28672 at batch 256 / 512
   // / 1024 / 4096 0.2080 / 0.4322 / 0.7836 / 2.998 -> 0.1907 / 0.3762 / 0.7518 / 3.029
-  // (h100/ab_paths_producer_wg.log). Not at batch tile 64: two blocks per SM, and 288 threads would
-  // not keep 128 registers. Development aid: NF4KIT_WG_PRODUCER=thread keeps thread 0 producing.
+  // (h100/ab_paths_producer_wg.log). Batch tiles 32 and 64 (seventeenth session, H200, 7 interleaved
+  // rounds, h200/experiments/ab_paths_producer_small_run3.log, thread 0 -> producer warp, fp16, ms):
+  // at 32 8192x28672 at batch 24 / 32 0.0753 / 0.0760 -> 0.0691 / 0.0692, 4096x14336 0.0314 / 0.0321
+  // -> 0.0280 / 0.0282; at 64 with stream-K 14336x4096 at 48 / 64 0.0388 / 0.0390 -> 0.0367 / 0.0369;
+  // but at 64 one block per tile 8192x28672 at 48 / 64 0.0838 / 0.0852 -> 0.0843 / 0.0860 and
+  // 4096x14336 0.0348 / 0.0356 -> 0.0366 / 0.0366, so thread 0 keeps producing there
+  // (wg_producer_pays). Development aid: NF4KIT_WG_PRODUCER=thread / warp forces either.
   const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
-  const bool pw = BN >= 128 && pack && !(pw_env != nullptr && !std::strcmp(pw_env, "thread"));
+  const bool pw_forced = pw_env != nullptr && *pw_env;
+  const bool pw = pack && (pw_forced ? std::strcmp(pw_env, "thread") != 0 : wg_producer_pays(BN, sk));
   using S2 = std::integral_constant<int, 2>;
   using S1 = std::integral_constant<int, 1>;
   using S0 = std::integral_constant<int, 0>;
   bool_switch(sk, [&](auto sk_tag) {
     bool_switch(nested, [&](auto nested_tag) {
-      if constexpr (BN >= 128) {
-        if (pw) return go(S2{}, nested_tag, sk_tag, std::true_type{});
-      }
+      if (pw) return go(S2{}, nested_tag, sk_tag, std::true_type{});
       if (pack) go(S2{}, nested_tag, sk_tag, std::false_type{});
       else if (uniform) go(S1{}, nested_tag, sk_tag, std::false_type{});
       else go(S0{}, nested_tag, sk_tag, std::false_type{});

@@ -8,8 +8,9 @@
 // are the B operand, BN batch rows x 64 k per tile in shared memory (K-major, 128-byte swizzle)
 // read by the tensor cores through a descriptor. No decoded W ever reaches shared memory. Block: 2
 // warpgroups x 64 W rows, BN batch rows; a producer loads each tile (activations and packed W) by
-// TMA into an S-slot ring (a ninth warp at batch tile 128, thread 0 between its own steps at 64 and
-// 256), full/empty mbarriers per slot; per tile each warp waits for its tile,
+// TMA into an S-slot ring (a ninth warp at batch tiles 32 and 128 and at 64 with stream-K, a third
+// warpgroup at 256, thread 0 between its own steps at 64 otherwise: launch_wg), full/empty mbarriers
+// per slot; per tile each warp waits for its tile,
 // decodes (overlapping the tensor cores' work on the previous tile), issues four wgmma (k16 each)
 // as one group, waits for the previous group and releases that tile's slot.
 #pragma once
