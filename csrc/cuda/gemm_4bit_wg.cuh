@@ -1,8 +1,9 @@
 // The fused 4-bit matmul's warpgroup kernel (sm_90a) and its host launch, launch_wg<T, BN>: the
 // kernel is described below and its wgmma pipeline in gemm_4bit_wgmma.cuh; the dispatch that calls
 // it is gemm_4bit_cuda in gemm_4bit.cu. Compiled in four units, one per batch tile
-// (gemm_4bit_wg32/64/128/256.cu, NF4KIT_WG_INSTANTIATE), so that a build compiles them in parallel; its
-// 72 kernel instantiations were 83% of gemm_4bit.cu's SASS when they lived there.
+// (gemm_4bit_wg32/64/128/256.cu, NF4KIT_WG_INSTANTIATE), so that a build compiles them in parallel
+// (with three batch tiles, its 72 kernel instantiations were 83% of gemm_4bit.cu's SASS when they
+// lived there).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -75,9 +76,10 @@ struct WgCfg {
   static constexpr int kLookahead = 4;                   // tiles between a scale's load and its use
 };
 // Threads of a block: the two consumer warpgroups (kThreads), plus the producer (PW): one warp at
-// batch tiles 32, 64 and 128, a whole warpgroup at 256, so that setmaxnreg can move its registers to the
-// consumers (at 288 threads ptxas allots 168 registers a thread, and batch tile 256 needs up to 254:
-// 384 threads with 232 for the consumers (up to 219 used, no spill) and 40 for the producers).
+// batch tiles 32, 64 and 128, a whole warpgroup at 256, so that setmaxnreg can move its registers
+// to the consumers there (at 288 threads ptxas allots 168 registers a thread, and batch tile 256
+// needs up to 254: 384 threads with 232 for the consumers (up to 219 used, no spill) and 40 for the
+// producers).
 constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
 // The producer (PW) by default (launch_wg, with the packed scales) where it measured faster: batch
 // tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
