@@ -19,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, quant_type: str, results):
+def _rank(rank: int, world: int, port: int, quant_type: str, results, sync):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -44,19 +44,23 @@ def _rank(rank: int, world: int, port: int, quant_type: str, results):
         out.float().square().sum().backward()
         results.put((rank, packed_rows, local_rows, torch.equal(out.detach(), expected),
                      head.weight.grad is not None and bool(torch.isfinite(head.weight.grad.to_local()).all())))
-        # Both ranks past every collective before either tears the group down: without it a rank
-        # that finished first could close the connection under the other's last gloo transfer
-        # (a loaded CI machine once aborted rank 1 with "terminate called without an active exception").
         dist.barrier()
+        # Teardown in lockstep, through multiprocessing rather than gloo: a rank that returns from its
+        # last collective may still owe the other rank that collective's final message, and a rank
+        # that destroys the group or exits first closes the connection under it; the other rank's
+        # gloo thread then aborts the process ("terminate called without an active exception", seen
+        # on a loaded CI machine with a gloo barrier as the last step, on rank 1 once and rank 0 once).
+        sync.wait(timeout=120)
     finally:
         dist.destroy_process_group()
+        sync.wait(timeout=120)  # neither process exits (closing its sockets) before both destroyed
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_fully_shard_two_ranks(quant_type):
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.spawn(_rank, args=(2, _free_port(), quant_type, results), nprocs=2, join=True)
+    results, sync = ctx.Queue(), ctx.Barrier(2)
+    mp.spawn(_rank, args=(2, _free_port(), quant_type, results, sync), nprocs=2, join=True)
     got = sorted(results.get(timeout=60) for _ in range(2))
     for rank, packed_rows, local_rows, same, grad_ok in got:
         assert local_rows == packed_rows // 2, f"rank {rank}: the packed weight was not sharded"
