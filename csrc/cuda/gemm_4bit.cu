@@ -938,7 +938,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
       const bool uniform = a.blocksize >= 64 && a.K % 64 == 0;
       const char* force_bn = std::getenv("NF4KIT_WG_BN");  // development aid: the batch tile
       int64_t bn = force_bn != nullptr && *force_bn ? std::atoi(force_bn) : wg_tile_n(a.M);
-      if (bn <= 128 && !wg_wide_table_ok(stream)) bn = 256;
+      if (wg_wide(bn) && !wg_wide_table_ok(stream)) bn = 256;
       const int split = path == forced.path ? forced.split : -1;
       if (bn <= 32) launch_wg<T, 32>(p, uniform, split, stream);
       else if (bn <= 64) launch_wg<T, 64>(p, uniform, split, stream);

@@ -42,10 +42,9 @@ namespace gemm4 {
 constexpr int wg_stages(int bn, bool sk, int scales = 2) {
   return bn == 32 ? 6 : bn == 64 ? 4 : bn == 128 && (!sk || scales == 2) ? 8 : 5;
 }
-// The 64 KB pair table (WgCfg::kWide): batch tiles 32, 64 and 128 at their stages above.
-constexpr bool wg_wide(int bn, int stages) {
-  return bn == 128 || (bn == 64 && stages == 4) || (bn == 32 && stages == 6);
-}
+// The 64 KB pair table (WgCfg::kWide): batch tiles 32, 64 and 128, with their stages above (the
+// static_asserts below check that it fits); the host falls back to 256 where it cannot be used.
+constexpr bool wg_wide(int bn) { return bn <= 128; }
 template <int BN, int STAGES = wg_stages(BN, false)>
 struct WgCfg {
   static constexpr int kRows = 128, kBK = 64, kThreads = 256;
@@ -59,7 +58,7 @@ struct WgCfg {
   // code8 in the unused upper halves of the table's rows 0..7 (entry q at float q + (q & 0xE0) from
   // kCode8Off: code8_index), the 2 S mbarriers in row 8's, and no room to align the base (the kernel
   // asserts it is kDynSmemBase, 1024-aligned).
-  static constexpr bool kWide = wg_wide(BN, STAGES), kHoles = kWide && BN <= 64;
+  static constexpr bool kWide = wg_wide(BN), kHoles = kWide && BN <= 64;
   static constexpr int kTabRowWords = kWide ? 64 : 32;
   static constexpr int kTabBytes = 256 * 4 * kTabRowWords;
   static constexpr int kAOff = kWide ? kTabBytes : 0;
