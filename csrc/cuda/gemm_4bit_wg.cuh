@@ -84,7 +84,8 @@ constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
 // tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
 constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
 // Two blocks an SM at batch tiles 32 and 64 (one block per tile): with the producer warp, 288 threads
-// a block, hence the launch bound (ptxas: 76-80 registers, no spill); stream-K's grid is one block an SM.
+// a block, hence the launch bound (ptxas: 76-80 registers, no spill, but it serialises the wgmma
+// for want of registers: C7511 / C7512); stream-K's grid is one block an SM.
 constexpr int wg_min_blocks(int bn, bool pw, bool sk) { return bn <= 64 && pw && !sk ? 2 : 1; }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
