@@ -334,10 +334,14 @@ def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
     setmaxnreg) issues the copies, the whole ring ahead (the default;
     NF4KIT_WG_PRODUCER=warp names it); NF4KIT_WG_PRODUCER=thread keeps thread 0 of warp 0 producing
     between its own steps. Same sums in the same order, so bit
-    for bit equal; partial tiles, nested and plain, one block per tile, stream-K and DP + SK."""
+    for bit equal; partial tiles, nested and plain, one block per tile, stream-K and DP + SK; at batch
+    tiles 32 and 64 one block per tile within one block an SM (SOLO, 112 registers) and past it (80)."""
     cases = ((100, 300, 2048, True), (128, 131, 1024, False), (65, 1000, 4096, True),
              (200, 300, 1024, True), (256, 131, 2048, False),  # these two: batch tile 256
              (24, 300, 2048, True), (17, 131, 1024, False), (48, 1000, 4096, True), (64, 131, 1024, False))  # 32, 64
+    if path == "wg":  # batch tiles 32 and 64 with more tiles than SMs: two blocks an SM, not SOLO
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cases += ((30, 128 * sms + 77, 1024, True), (50, 128 * sms + 77, 1024, False))
     check_switch_identical(monkeypatch, path, cases, dtype, 120, "NF4KIT_WG_PRODUCER", "warp", "thread", "producer warp")
 
 

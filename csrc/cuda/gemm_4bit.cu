@@ -717,8 +717,9 @@ constexpr int64_t kSkinnyAutoMaxM = 32;
 // four n8 tiles) / 0.0881 (batch tile 64); 4096x14336 at 24 / 32 0.0316 / 0.0322 against 0.0342 /
 // 0.0370 (skinny). Not at 9..16, where the skinny kernel with two n8 tiles is ahead (8192x28672 at 9 /
 // 16 0.0687 / 0.0725 against 0.0750 / 0.0751), nor with few row tiles (14336x4096: 32 of them, 0.089
-// ms one block per tile against the skinny kernel's 0.034). Before: 25..32 on K >= 8192 at batch tile
-// 64 (ninth session).
+// ms one block per tile against the skinny kernel's 0.034; with stream-K ~0.031 ms in two A/Bs and
+// ~0.039 in a third, eighteenth session, so not taken either). Before: 25..32 on K >= 8192 at batch
+// tile 64 (ninth session).
 constexpr int64_t kWgFromM = 17;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;

@@ -83,10 +83,17 @@ constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
 // The producer (PW) by default (launch_wg, with the packed scales) where it measured faster: batch
 // tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
 constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
-// Two blocks an SM at batch tiles 32 and 64 (one block per tile): with the producer warp, 288 threads
-// a block, hence the launch bound (ptxas: 76-80 registers, no spill, but it serialises the wgmma
-// for want of registers: C7511 / C7512); stream-K's grid is one block an SM.
-constexpr int wg_min_blocks(int bn, bool pw, bool sk) { return bn <= 64 && pw && !sk ? 2 : 1; }
+// Registers a thread at batch tiles 32 and 64 with the producer warp, one block per tile: 288 threads
+// a block (9 warps, 3 on some of the SM's four 16K-register quarters). Two blocks an SM (6 warps a
+// quarter) leave 80: the launch bound (288, 2) gives ptxas that budget (it takes 76-80, no spill) and
+// ptxas serialises the wgmma for want of registers (C7511 / C7512). SOLO (launch_wg: the grid has at
+// most one block an SM) takes __maxnreg__(112) instead: 2 x 288 x 112 <= 65536, but by quarters two
+// blocks do not fit (on 224 tiles every block at 112 ran 14% slower than at 80, as one block an SM
+// would); batch tile 32 then uses 110-112 and its wgmma is not serialised (64 still is, at 91-95).
+// Elsewhere the bound asks for one block an SM and there is no register limit (255). The kernels
+// outside SOLO compile to the same SASS as before it (eighteenth session, cuobjdump, wg32 unit).
+constexpr int wg_min_blocks(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && !solo ? 2 : 1; }
+constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && solo ? 112 : 255; }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -124,8 +131,10 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // PW: a producer issues the copies of every slot, the whole ring ahead (warp 8 lane 0; at batch
 // tile 256 a whole third warpgroup, see kWgThreads); without it thread 0 of warp 0 produces between
 // its own steps, S - 2 slots ahead.
-template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, int STAGES = wg_stages(BN, SK, SCALES)>
-__global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK))
+template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, bool SOLO = false,
+          int STAGES = wg_stages(BN, SK, SCALES)>
+__global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, SOLO))
+    __maxnreg__(wg_max_regs(BN, PW, SK, SOLO))
     gemm4_wg_kernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                     const int m_tiles, const int n_tiles, const WgSplit split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -618,11 +627,11 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   // One instantiation, named by its tags; block size and shared memory follow from them.
-  auto go = [&](auto scales_tag, auto nested_tag, auto sk_tag, auto pw_tag) {
+  auto go = [&](auto scales_tag, auto nested_tag, auto sk_tag, auto pw_tag, auto solo_tag) {
     constexpr int SCALES = decltype(scales_tag)::value;
     constexpr bool NESTED = decltype(nested_tag)::value, SK = decltype(sk_tag)::value, PW = decltype(pw_tag)::value;
     constexpr int smem = WgCfg<BN, wg_stages(BN, SK, SCALES)>::kSmem;
-    auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW>;
+    auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW, decltype(solo_tag)::value>;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(grid), kWgThreads<BN, PW>, smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
@@ -652,12 +661,26 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   using S2 = std::integral_constant<int, 2>;
   using S1 = std::integral_constant<int, 1>;
   using S0 = std::integral_constant<int, 0>;
+  // SOLO (wg_max_regs): at most one block an SM, so the producer-warp kernel at batch tiles 32 and 64
+  // may take 112 registers instead of two blocks' 80. H200, eighteenth session, 5 interleaved rounds
+  // (h200/experiments/ab_builds_maxnreg_run1.log), fp16, ms, 80 -> 112 registers at batch tile 32:
+  // 4096x14336 (112 tiles) at 17 / 24 / 32 0.0287 / 0.0288 / 0.0286 -> 0.0270 / 0.0270 / 0.0269;
+  // but 8192x28672 (224 tiles, two blocks on most SMs with 80) 0.0688 / 0.0687 / 0.0687 -> 0.0785 /
+  // 0.0792 / 0.0793 when every block took 112 (one block an SM).
+  const bool solo = grid <= sms;
+  using F = std::false_type;
+  using Tr = std::true_type;
   bool_switch(sk, [&](auto sk_tag) {
     bool_switch(nested, [&](auto nested_tag) {
-      if (pw) return go(S2{}, nested_tag, sk_tag, std::true_type{});
-      if (pack) go(S2{}, nested_tag, sk_tag, std::false_type{});
-      else if (uniform) go(S1{}, nested_tag, sk_tag, std::false_type{});
-      else go(S0{}, nested_tag, sk_tag, std::false_type{});
+      if (pw) {
+        if constexpr (!decltype(sk_tag)::value && BN <= 64) {
+          if (solo) return go(S2{}, nested_tag, sk_tag, Tr{}, Tr{});
+        }
+        return go(S2{}, nested_tag, sk_tag, Tr{}, F{});
+      }
+      if (pack) go(S2{}, nested_tag, sk_tag, F{}, F{});
+      else if (uniform) go(S1{}, nested_tag, sk_tag, F{}, F{});
+      else go(S0{}, nested_tag, sk_tag, F{}, F{});
     });
   });
 }
