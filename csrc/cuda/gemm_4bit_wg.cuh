@@ -84,14 +84,16 @@ constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
 // tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
 constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
 // Registers a thread at batch tiles 32 and 64 with the producer warp, one block per tile: 288 threads
-// a block (9 warps, 3 on some of the SM's four 16K-register quarters). Two blocks an SM (6 warps a
-// quarter) leave 80: the launch bound (288, 2) gives ptxas that budget (it takes 76-80, no spill) and
-// ptxas serialises the wgmma for want of registers (C7511 / C7512). SOLO (launch_wg: the grid has at
-// most one block an SM) takes __maxnreg__(112) instead: 2 x 288 x 112 <= 65536, but by quarters two
-// blocks do not fit (on 224 tiles every block at 112 ran 14% slower than at 80, as one block an SM
-// would); batch tile 32 then uses 110-112 and its wgmma is not serialised (64 still is, at 91-95).
-// Elsewhere the bound asks for one block an SM and there is no register limit (255). The kernels
-// outside SOLO compile to the same SASS as before it (eighteenth session, cuobjdump, wg32 unit).
+// a block (9 warps). The SM allots registers per quarter (16K, warps spread over its four
+// schedulers): two blocks (18 warps, 5 a quarter) fit up to 96 registers a thread; at 104-112 a
+// quarter holds 4 warps, 16 an SM, so one block. Under the launch bound (288, 2) ptxas takes 76-80 and
+// serialises the wgmma (C7511 / C7512: every HGMMA followed by WARPGROUP.DEPBAR.LE 0); a cap of 96
+// (__maxnreg__) changes nothing (76-79, still serialised). SOLO (launch_wg: the grid has at most one
+// block an SM) takes __maxnreg__(112): batch tile 32 then uses 110-112 and its wgmma is not serialised
+// (64 still is, at 91-95); on 224 tiles (8192x28672) every block at 112, one block an SM, ran 14%
+// slower than two blocks at 80. Elsewhere the bound asks for one block an SM and there is no
+// register limit (255). The kernels outside SOLO compile to the same SASS as before it (eighteenth
+// session, cuobjdump, wg32 unit).
 constexpr int wg_min_blocks(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && !solo ? 2 : 1; }
 constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && solo ? 112 : 255; }
 template <int BN, bool PW>
