@@ -94,8 +94,10 @@ constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
 // slower than two blocks at 80. Elsewhere the bound asks for one block an SM and there is no
 // register limit (255). The kernels outside SOLO compile to the same SASS as before it (eighteenth
 // session, cuobjdump, wg32 unit).
-constexpr int wg_min_blocks(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && !solo ? 2 : 1; }
-constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return bn <= 64 && pw && !sk && solo ? 112 : 255; }
+// wg_two_blocks: the producer-warp kernels that run two blocks an SM unless SOLO.
+constexpr bool wg_two_blocks(int bn, bool pw, bool sk) { return bn <= 64 && pw && !sk; }
+constexpr int wg_min_blocks(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && !solo ? 2 : 1; }
+constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && solo ? 112 : 255; }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -664,7 +666,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   using S1 = std::integral_constant<int, 1>;
   using S0 = std::integral_constant<int, 0>;
   // SOLO (wg_max_regs): at most one block an SM, so the producer-warp kernel at batch tiles 32 and 64
-  // may take 112 registers instead of two blocks' 80. H200, eighteenth session, 5 interleaved rounds
+  // may take 112 registers instead of the 76-80 ptxas takes for two blocks. H200, eighteenth session, 5 interleaved rounds
   // (h200/experiments/ab_builds_maxnreg_run1.log), fp16, ms, 80 -> 112 registers at batch tile 32:
   // 4096x14336 (112 tiles) at 17 / 24 / 32 0.0287 / 0.0288 / 0.0286 -> 0.0270 / 0.0270 / 0.0269;
   // but 8192x28672 (224 tiles, two blocks on most SMs with 80) 0.0688 / 0.0687 / 0.0687 -> 0.0785 /
@@ -675,7 +677,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   bool_switch(sk, [&](auto sk_tag) {
     bool_switch(nested, [&](auto nested_tag) {
       if (pw) {
-        if constexpr (!decltype(sk_tag)::value && BN <= 64) {
+        if constexpr (wg_two_blocks(BN, true, decltype(sk_tag)::value)) {
           if (solo) return go(S2{}, nested_tag, sk_tag, Tr{}, Tr{});
         }
         return go(S2{}, nested_tag, sk_tag, Tr{}, F{});
