@@ -316,8 +316,8 @@ def sanitize():
              ("wgsk", 33, 129, 512), ("wgsk", 100, 300, 512), ("wgsk", 130, 300, 1024), ("wgsk", 7, 64, 256),
              ("wg", 24, 300, 512), ("wg:NF4KIT_WG_BN=32", 45, 129, 512), ("wgsk:NF4KIT_WG_BN=32", 33, 300, 512),  # batch tile 32
              ("wg:NF4KIT_WG_BN=64", 7, 300, 96),  # batch tile 64 below 33 rows
-             ("wg:" + thread, 24, 300, 512), ("wg:NF4KIT_WG_PRODUCER=warp", 48, 300, 512), ("wg", 48, 300, 512),  # 32, 64: producer warp / thread 0
-             ("wg", 24, 17100, 256), ("wg:NF4KIT_WG_PRODUCER=warp", 48, 17100, 256),  # ... past one block an SM (not SOLO)
+             ("wg:" + thread, 24, 300, 512), ("wg", 48, 300, 512), ("wg:" + thread, 48, 300, 512),  # 32, 64: producer warp / thread 0
+             ("wg", 24, 17100, 256), ("wg", 48, 17100, 256),  # ... past one block an SM (not SOLO; HALVES)
              ("wgsk", 40, 300, 1024), ("wgsk:" + thread, 40, 300, 1024),
              ("wgdp:NF4KIT_WG_GRID=3", 70, 2500, 512), ("wgdp:NF4KIT_WG_GRID=5", 300, 1100, 1024),  # DP + SK on 3 / 5 blocks
              ("wg:" + thread, 100, 300, 512), ("wgsk:" + thread, 128, 300, 1024),  # batch tile 128: thread 0 producing

@@ -18,7 +18,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e_), __LINE__); exit(1);} } while (0)
+#include "read_common.cuh"
 
 constexpr int64_t kN = 28672, kK = 8192, kRowBytes = kK / 2, kBytes = kN * kRowBytes;
 constexpr int kStageBytes = 8192;
@@ -78,22 +78,6 @@ __global__ void __launch_bounds__(256) tile_ring(const uint8_t* __restrict__ w, 
       while (clock64() - t0 < spin) acc += 1;
     }
   }
-  if (acc == 0x12345678u) *sink = acc;
-}
-
-template <int U>
-__global__ void __launch_bounds__(256) seq_read(const uint4* __restrict__ w, int64_t n16, unsigned* sink) {
-  unsigned acc = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
-  int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  for (; i + (U - 1) * stride < n16; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = __ldcs(w + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].w ^ (v[u].y + v[u].z);
-  }
-  for (; i < n16; i += stride) { const uint4 a = __ldcs(w + i); acc ^= a.x ^ a.w; }
   if (acc == 0x12345678u) *sink = acc;
 }
 
@@ -210,36 +194,17 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("# benchmarks/probes/read_pattern.cu: %s, %d SMs; read 117 MB (8192x28672 packed); ms = median of 30, L2 flushed\n",
          prop.name, prop.multiProcessorCount);
-  uint8_t* w; unsigned* sink; void* flush;
+  uint8_t* w; unsigned* sink;
   CK(cudaMalloc(&w, kBytes));
   CK(cudaMalloc(&sink, 4));
-  CK(cudaMalloc(&flush, 256 << 20));
   {
     std::vector<uint8_t> h(kBytes);
     uint32_t x = 12345;
     for (auto& b : h) { x = x * 1664525u + 1013904223u; b = static_cast<uint8_t>(x >> 24); }
     CK(cudaMemcpy(w, h.data(), kBytes, cudaMemcpyHostToDevice));
   }
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  auto timeit = [&](const char* name, auto&& launch) {
-    std::vector<float> t;
-    for (int i = 0; i < 33; ++i) {
-      CK(cudaMemsetAsync(flush, i, 256 << 20));
-      CK(cudaEventRecord(e0));
-      launch();
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (i >= 3) t.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(t.begin(), t.end());
-    const float ms = t[t.size() / 2];
-    printf("%-58s %8.4f ms %8.1f GB/s\n", name, ms, kBytes / (ms * 1e-3) / 1e9);
-  };
+  FlushTimer timer;
+  auto timeit = [&](const char* name, auto&& launch) { timer.report(name, 58, kBytes, launch); };
   const int sms = prop.multiProcessorCount;
   // argv[1] == "rows": only the direct kernel's pattern (rows_read), against seq_read
   auto rows_any = [&](auto piece_tag, auto d_tag, int spin) {

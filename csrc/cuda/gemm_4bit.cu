@@ -3,7 +3,7 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, or 16 with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
+//  * skinny (M <= 32, or 11 with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
 //    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
@@ -11,10 +11,10 @@
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
-//  * warpgroup kernel (sm_90a, 32 < M <= 512, 16 < M with many row tiles, up to 2048 for K >= 8192;
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, 11 < M with many row tiles, up to 2048 for K >= 8192;
 //    batch tiles 32, 64, 128, 256: wg_tile_n): wgmma with W decoded
 //    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp, a
-//    warpgroup at batch tile 256, thread 0 at 64 without stream-K), mbarriers (gemm_4bit_wgmma.cuh); one
+//    warpgroup at batch tile 256; thread 0 where the scales are not packed), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
 //    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
@@ -689,7 +689,7 @@ PathChoice path_override() {
 // benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
-//                Since the seventeenth session 17..32 go to the warpgroup kernel at batch tile 32
+//                Since the seventeenth session 17..32 (since the nineteenth 12..32) go to the warpgroup kernel at batch tile 32
 //                where it has at least half a block per SM (kWgFromM).
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
@@ -711,16 +711,19 @@ PathChoice path_override() {
 //                skinny kernel in one wide pass (below, at `wide`; fourteenth session).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
-// From 17 rows on, with many row tiles, the warpgroup kernel at batch tile 32 (wg_tile_n). H200,
+// From 12 rows on (17 before the nineteenth session), with many row tiles, the warpgroup kernel at batch tile 32 (wg_tile_n). H200,
 // seventeenth session, 5 interleaved rounds (h200/experiments/ab_paths_tile32_run1.log and
 // ab_builds_s17_run1.log), fp16, ms: 8192x28672 at 24 / 32 0.0752 / 0.0759 against 0.0912 (skinny,
 // four n8 tiles) / 0.0881 (batch tile 64); 4096x14336 at 24 / 32 0.0316 / 0.0322 against 0.0342 /
-// 0.0370 (skinny). Not at 9..16, where the skinny kernel with two n8 tiles is ahead (8192x28672 at 9 /
-// 16 0.0687 / 0.0725 against 0.0750 / 0.0751), nor with few row tiles (14336x4096: 32 of them, 0.089
+// 0.0370 (skinny). Not then at 9..16, where the skinny kernel with two n8 tiles was ahead (8192x28672 at 9 /
+// 16 0.0687 / 0.0725 against 0.0750 / 0.0751); not with few row tiles (14336x4096: 32 of them, 0.089
 // ms one block per tile against the skinny kernel's 0.034; with stream-K ~0.031 ms in two A/Bs and
 // ~0.039 in a third, eighteenth session, so not taken either). Before: 25..32 on K >= 8192 at batch
-// tile 64 (ninth session).
-constexpr int64_t kWgFromM = 17;
+// tile 64 (ninth session). Nineteenth session (HALVES at batch tile 32, two blocks an SM; 5 interleaved
+// rounds, h200/experiments/ab_paths_halves_run1.log), 8192x28672 at 9 / 12 / 16, skinny 0.0680 / 0.0698 /
+// 0.0716 against batch tile 32 0.0673 / 0.0670 / 0.0671; 4096x14336 (SOLO; eighteenth session,
+// ab_paths_9_16_mr112_run1.log) 0.0249 / 0.0263 / 0.0272 against 0.0265 / 0.0265 / 0.0265.
+constexpr int64_t kWgFromM = 12;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
@@ -904,7 +907,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                       : wg_ok && a.K < kWgLongK && wg_tiles(a.M, a.N) * 2 < sms);
   if (path == Path::Auto) {
     const int64_t wg_n = wg_tiles(a.M, a.N);
-    // 17..32 rows with many row tiles: the warpgroup kernel at batch tile 32 (kWgFromM)
+    // 12..32 rows with many row tiles: the warpgroup kernel at batch tile 32 (kWgFromM)
     const bool wg_early = wg_ok && a.M >= kWgFromM && wg_n * 2 >= sms;
     if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&

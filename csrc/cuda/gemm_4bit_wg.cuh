@@ -80,9 +80,6 @@ struct WgCfg {
 // needs up to 254: 384 threads with 232 for the consumers (up to 219 used, no spill) and 40 for the
 // producers).
 constexpr bool wg_producer_warpgroup(int bn) { return bn == 256; }
-// The producer (PW) by default (launch_wg, with the packed scales) where it measured faster: batch
-// tiles 32, 128, 256, and 64 with stream-K; at 64 one block per tile thread 0 produces.
-constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
 // Registers a thread at batch tiles 32 and 64 with the producer warp, one block per tile: 288 threads
 // a block (9 warps). The SM allots registers per quarter (16K, warps spread over its four
 // schedulers): two blocks (18 warps, 5 a quarter) fit up to 96 registers a thread; at 104-112 a
@@ -98,6 +95,16 @@ constexpr bool wg_producer_pays(int bn, bool sk) { return bn != 64 || sk; }
 constexpr bool wg_two_blocks(int bn, bool pw, bool sk) { return bn <= 64 && pw && !sk; }
 constexpr int wg_min_blocks(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && !solo ? 2 : 1; }
 constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && solo ? 112 : 255; }
+// HALVES: the producer-warp kernels at batch tiles 32 and 64 whose wgmma ptxas serialised (two
+// blocks an SM; SOLO at 64: 91-95 registers) decode and multiply a k tile in two halves of two k16
+// steps, each its own wgmma group, so that one half is in flight while the other is decoded: 16 A
+// registers and 8 of packed words live instead of 32 and 16. nvcc 13.0, sm_90a: no C7511 / C7512
+// left; batch tile 32 at two blocks an SM 72-80 registers, its loop's HGMMA in pairs with DEPBAR.LE 1
+// (before: each HGMMA followed by DEPBAR.LE 0); 64 91-92. The same sums in the same order (k16 steps
+// 0..3 into one accumulator). H200, nineteenth session, 5 interleaved rounds, one process per build
+// (h200/experiments/ab_builds_halves_run1.log), fp16, ms: 8192x28672 at 17 / 24 / 32 0.0684 / 0.0690 /
+// 0.0694 -> 0.0671 / 0.0673 / 0.0681; 4096x14336 (SOLO at 32: not HALVES) level.
+constexpr bool wg_halves(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && (!solo || bn == 64); }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -375,6 +382,31 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
     wg::commit();
   };
 
+  // HALVES (wg_halves): k16 steps 2 half .. 2 half + 1 of the slot's tile, from words q = half.
+  auto decode_half = [&](int slot, uint32_t (&a)[2][4], int half) {
+    uint4 w[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(w[h].x), "=r"(w[h].y), "=r"(w[h].z), "=r"(w[h].w)
+                   : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * half));
+    const uint32_t sa = s2[UNIFORM ? 0 : half], sb = s2[UNIFORM ? 1 : 2 + half];
+#pragma unroll
+    for (int k2 = 0; k2 < 2; ++k2) {
+      a[k2][0] = mma::mul2<T>(look(word(w[0], 2 * k2)), sa);
+      a[k2][1] = mma::mul2<T>(look(word(w[1], 2 * k2)), sb);
+      a[k2][2] = mma::mul2<T>(look(word(w[0], 2 * k2 + 1)), sa);
+      a[k2][3] = mma::mul2<T>(look(word(w[1], 2 * k2 + 1)), sb);
+    }
+  };
+  auto compute_half = [&](int slot, const uint32_t (&a)[2][4], int half) {
+    wg::fence();
+#pragma unroll
+    for (int k2 = 0; k2 < 2; ++k2)
+      wg::mma_rs<T, BN>(acc, a[k2], desc_lo0 + slot * (C::kAStage >> 4) + 2 * (2 * half + k2));
+    wg::commit();
+  };
+
   // The 8 consumer warps only (with PW the producer warp has left the loop).
   auto consumers_sync = [&]() {
     if constexpr (PW) asm volatile("bar.sync 1, 256;\n" ::: "memory");
@@ -433,6 +465,8 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
     if constexpr (PW_WG) wg::setmaxnreg_inc<232>();
   }
   uint32_t af0[4][4], af1[4][4];
+  uint32_t hb[2][2][4];  // HALVES: the A registers of the two halves
+  constexpr bool HALVES = wg_halves(BN, PW, SK, SOLO);
   int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
   uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
   if (!PW && tid == 0) {
@@ -479,10 +513,20 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
     }
     wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
     phases ^= 1u << rd_slot;
-    decode(rd_slot, af);
-    compute(rd_slot, af);
-    wg::wait<1>();  // group j - 1 done: its A registers are free and the warp is done with its slot
-    if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+    if constexpr (HALVES) {
+      decode_half(rd_slot, hb[0], 0);  // hb[0] is free: the last wait left only j - 1's second half
+      compute_half(rd_slot, hb[0], 0);
+      wg::wait<1>();  // j - 1's second half done: hb[1] is free and the warp is done with j - 1's slot
+      if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+      decode_half(rd_slot, hb[1], 1);
+      compute_half(rd_slot, hb[1], 1);
+      wg::wait<1>();  // this first half done: hb[0] is free for iteration j + 1
+    } else {
+      decode(rd_slot, af);
+      compute(rd_slot, af);
+      wg::wait<1>();  // group j - 1 done: its A registers are free and the warp is done with its slot
+      if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
+    }
     prev_slot = rd_slot;
     rd_slot = rd_slot + 1 == S ? 0 : rd_slot + 1;
     wr_slot = wr_slot + 1 == S ? 0 : wr_slot + 1;
@@ -656,15 +700,13 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   // rounds, h200/experiments/ab_paths_producer_small_run3.log, thread 0 -> producer warp, fp16, ms):
   // at 32 8192x28672 at batch 24 / 32 0.0753 / 0.0760 -> 0.0691 / 0.0692, 4096x14336 0.0314 / 0.0321
   // -> 0.0280 / 0.0282; at 64 with stream-K 14336x4096 at 48 / 64 0.0388 / 0.0390 -> 0.0367 / 0.0369;
-  // but at 64 one block per tile 8192x28672 at 48 / 64 0.0838 / 0.0852 -> 0.0843 / 0.0860 and
-  // 4096x14336 0.0348 / 0.0356 -> 0.0366 / 0.0366, so thread 0 keeps producing there
-  // (wg_producer_pays). Development aid: NF4KIT_WG_PRODUCER=thread / warp forces either.
-  const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
-  const bool pw_forced = pw_env != nullptr && *pw_env;
-  const bool pw = pack && (pw_forced ? std::strcmp(pw_env, "thread") != 0 : wg_producer_pays(BN, sk));
-  using S2 = std::integral_constant<int, 2>;
-  using S1 = std::integral_constant<int, 1>;
-  using S0 = std::integral_constant<int, 0>;
+  // but at 64 one block per tile, while its wgmma was serialised, thread 0 kept producing (8192x28672
+  // at 48 / 64 0.0838 / 0.0852 -> 0.0843 / 0.0860, 4096x14336 0.0348 / 0.0356 -> 0.0366 / 0.0366).
+  // With HALVES (nineteenth session, H200, 5 interleaved rounds, h200/experiments/ab_paths_s19_run2.log,
+  // thread 0 -> producer warp, fp16, ms) 8192x28672 at 33 / 48 / 64 0.0870 / 0.0839 / 0.0849 ->
+  // 0.0871 / 0.0784 / 0.0801, 4096x14336 (SOLO) 0.0349 / 0.0349 / 0.0352 -> 0.0314 / 0.0320 / 0.0319,
+  // so the producer is the default at every batch tile wherever the scales are packed (pack).
+  // Development aid: NF4KIT_WG_PRODUCER=thread / warp forces either.
   // SOLO (wg_max_regs): at most one block an SM, so the producer-warp kernel at batch tiles 32 and 64
   // may take 112 registers instead of the 76-80 ptxas takes for two blocks. H200, eighteenth session, 5 interleaved rounds
   // (h200/experiments/ab_builds_maxnreg_run1.log), fp16, ms, 80 -> 112 registers at batch tile 32:
@@ -672,6 +714,12 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   // but 8192x28672 (224 tiles, two blocks on most SMs with 80) 0.0688 / 0.0687 / 0.0687 -> 0.0785 /
   // 0.0792 / 0.0793 when every block took 112 (one block an SM).
   const bool solo = grid <= sms;
+  const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
+  const bool pw_forced = pw_env != nullptr && *pw_env;
+  const bool pw = pack && !(pw_forced && !std::strcmp(pw_env, "thread"));
+  using S2 = std::integral_constant<int, 2>;
+  using S1 = std::integral_constant<int, 1>;
+  using S0 = std::integral_constant<int, 0>;
   using F = std::false_type;
   using Tr = std::true_type;
   bool_switch(sk, [&](auto sk_tag) {
