@@ -39,6 +39,10 @@ def main():
             for b in order:
                 for m, v in once(builds[b], layer, ms).items():
                     res.setdefault((layer, m, b), []).append(v)
+        report(res, layers, builds, r + 1)  # after every round, so that a timeout keeps what ran
+
+
+def report(res, layers, builds, rounds):
     print(f"# ab_builds: median of {rounds} rounds, one process per build and round; ms (ratio to cuBLAS in that process)")
     for layer in layers:
         for m in sorted({k[1] for k in res if k[0] == layer}):
