@@ -689,8 +689,9 @@ PathChoice path_override() {
 // benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
-//                Since the seventeenth session 17..32 (since the nineteenth 12..32) go to the warpgroup kernel at batch tile 32
-//                where it has at least half a block per SM (kWgFromM).
+//                Since the seventeenth session 17..32 (since the nineteenth 12..32) go to the
+//                warpgroup kernel at batch tile 32 where it has at least half a block per SM
+//                (kWgFromM).
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
@@ -711,18 +712,20 @@ PathChoice path_override() {
 //                skinny kernel in one wide pass (below, at `wide`; fourteenth session).
 //   33..64 without sm_90: the mma.sync tensor-core kernel as before.
 constexpr int64_t kSkinnyAutoMaxM = 32;
-// From 12 rows on (17 before the nineteenth session), with many row tiles, the warpgroup kernel at batch tile 32 (wg_tile_n). H200,
-// seventeenth session, 5 interleaved rounds (h200/experiments/ab_paths_tile32_run1.log and
-// ab_builds_s17_run1.log), fp16, ms: 8192x28672 at 24 / 32 0.0752 / 0.0759 against 0.0912 (skinny,
-// four n8 tiles) / 0.0881 (batch tile 64); 4096x14336 at 24 / 32 0.0316 / 0.0322 against 0.0342 /
-// 0.0370 (skinny). Not then at 9..16, where the skinny kernel with two n8 tiles was ahead (8192x28672 at 9 /
-// 16 0.0687 / 0.0725 against 0.0750 / 0.0751); not with few row tiles (14336x4096: 32 of them, 0.089
-// ms one block per tile against the skinny kernel's 0.034; with stream-K ~0.031 ms in two A/Bs and
-// ~0.039 in a third, eighteenth session, so not taken either). Before: 25..32 on K >= 8192 at batch
-// tile 64 (ninth session). Nineteenth session (HALVES at batch tile 32, two blocks an SM; 5 interleaved
-// rounds, h200/experiments/ab_paths_halves_run1.log), 8192x28672 at 9 / 12 / 16, skinny 0.0680 / 0.0698 /
-// 0.0716 against batch tile 32 0.0673 / 0.0670 / 0.0671; 4096x14336 (SOLO; eighteenth session,
-// ab_paths_9_16_mr112_run1.log) 0.0249 / 0.0263 / 0.0272 against 0.0265 / 0.0265 / 0.0265.
+// From 12 rows on (17 before the nineteenth session), with many row tiles, the warpgroup kernel at
+// batch tile 32 (wg_tile_n). H200, seventeenth session, 5 interleaved rounds
+// (h200/experiments/ab_paths_tile32_run1.log and ab_builds_s17_run1.log), fp16, ms: 8192x28672 at 24 /
+// 32 0.0752 / 0.0759 against 0.0912 (skinny, four n8 tiles) / 0.0881 (batch tile 64); 4096x14336 at
+// 24 / 32 0.0316 / 0.0322 against 0.0342 / 0.0370 (skinny). Not then at 9..16, where the skinny kernel
+// with two n8 tiles was ahead (8192x28672 at 9 / 16 0.0687 / 0.0725 against 0.0750 / 0.0751); not
+// with few row tiles (14336x4096: 32 of them, 0.089 ms one block per tile against the skinny kernel's
+// 0.034; with stream-K ~0.031 ms in two A/Bs and ~0.039 in a third, eighteenth session, so not taken
+// either). Before: 25..32 on K >= 8192 at batch tile 64 (ninth session). Nineteenth session (HALVES
+// at batch tile 32, two blocks an SM; 5 interleaved rounds, h200/experiments/ab_paths_halves_run1.log
+// and ab_paths_s19_run2.log), skinny against batch tile 32: 8192x28672 at 9 / 12 / 16 0.0680 / 0.0698
+// / 0.0716 against 0.0673 / 0.0670 / 0.0671; 4096x14336 (SOLO) at 12 / 16 0.0259 / 0.0276 against
+// 0.0266 / 0.0266 (eighteenth session, ab_paths_9_16_mr112_run1.log: at 9 0.0249 against 0.0265).
+// One threshold for both: 12 gains 4-7% on the first at 12..16 and costs the second ~3% at 12..13.
 constexpr int64_t kWgFromM = 12;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;

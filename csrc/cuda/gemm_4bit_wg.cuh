@@ -104,7 +104,9 @@ constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return wg_two_b
 // 0..3 into one accumulator). H200, nineteenth session, 5 interleaved rounds, one process per build
 // (h200/experiments/ab_builds_halves_run1.log), fp16, ms: 8192x28672 at 17 / 24 / 32 0.0684 / 0.0690 /
 // 0.0694 -> 0.0671 / 0.0673 / 0.0681; 4096x14336 (SOLO at 32: not HALVES) level.
-constexpr bool wg_halves(int bn, bool pw, bool sk, bool solo) { return wg_two_blocks(bn, pw, sk) && (!solo || bn == 64); }
+constexpr bool wg_halves(int bn, bool pw, bool sk, bool solo) {
+  return wg_two_blocks(bn, pw, sk) && (!solo || bn == 64);
+}
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -690,6 +692,13 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
+  // SOLO (wg_max_regs): at most one block an SM, so the producer-warp kernel at batch tiles 32 and 64
+  // may take 112 registers instead of the 76-80 ptxas takes for two blocks. H200, eighteenth session,
+  // 5 interleaved rounds (h200/experiments/ab_builds_maxnreg_run1.log), fp16, ms, 80 -> 112 registers
+  // at batch tile 32: 4096x14336 (112 tiles) at 17 / 24 / 32 0.0287 / 0.0288 / 0.0286 -> 0.0270 /
+  // 0.0270 / 0.0269; but 8192x28672 (224 tiles, two blocks on most SMs with 80) 0.0688 / 0.0687 /
+  // 0.0687 -> 0.0785 / 0.0792 / 0.0793 when every block took 112 (one block an SM).
+  const bool solo = grid <= sms;
   // The producer (PW, kWgThreads) at batch tiles 128 and 256 with the packed scales. H100, 5
   // interleaved rounds, thread 0 producing -> producer: batch tile 128 (ninth session) 8192x28672 at
   // batch 128 0.1424 -> 0.1302 ms, with DP + SK 0.1401 -> 0.1255; 4096x14336 at 96 / 128 0.0424 /
@@ -703,17 +712,10 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   // but at 64 one block per tile, while its wgmma was serialised, thread 0 kept producing (8192x28672
   // at 48 / 64 0.0838 / 0.0852 -> 0.0843 / 0.0860, 4096x14336 0.0348 / 0.0356 -> 0.0366 / 0.0366).
   // With HALVES (nineteenth session, H200, 5 interleaved rounds, h200/experiments/ab_paths_s19_run2.log,
-  // thread 0 -> producer warp, fp16, ms) 8192x28672 at 33 / 48 / 64 0.0870 / 0.0839 / 0.0849 ->
-  // 0.0871 / 0.0784 / 0.0801, 4096x14336 (SOLO) 0.0349 / 0.0349 / 0.0352 -> 0.0314 / 0.0320 / 0.0319,
-  // so the producer is the default at every batch tile wherever the scales are packed (pack).
+  // thread 0 -> producer warp, fp16, ms) 8192x28672 at 33 / 48 / 64 0.0870 / 0.0839 / 0.0849 -> 0.0871 /
+  // 0.0784 / 0.0801, 4096x14336 (SOLO) 0.0349 / 0.0349 / 0.0352 -> 0.0314 / 0.0320 / 0.0319, so the
+  // producer is the default at every batch tile wherever the scales are packed (pack).
   // Development aid: NF4KIT_WG_PRODUCER=thread / warp forces either.
-  // SOLO (wg_max_regs): at most one block an SM, so the producer-warp kernel at batch tiles 32 and 64
-  // may take 112 registers instead of the 76-80 ptxas takes for two blocks. H200, eighteenth session, 5 interleaved rounds
-  // (h200/experiments/ab_builds_maxnreg_run1.log), fp16, ms, 80 -> 112 registers at batch tile 32:
-  // 4096x14336 (112 tiles) at 17 / 24 / 32 0.0287 / 0.0288 / 0.0286 -> 0.0270 / 0.0270 / 0.0269;
-  // but 8192x28672 (224 tiles, two blocks on most SMs with 80) 0.0688 / 0.0687 / 0.0687 -> 0.0785 /
-  // 0.0792 / 0.0793 when every block took 112 (one block an SM).
-  const bool solo = grid <= sms;
   const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
   const bool pw_forced = pw_env != nullptr && *pw_env;
   const bool pw = pack && !(pw_forced && !std::strcmp(pw_env, "thread"));
