@@ -355,23 +355,30 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
     else return lookup_sel(tab_base, lane8, sel, w);
   };
   const uint32_t w_rd = w_base + wrow * 32;
-  auto decode = [&](int slot, uint32_t (&a)[4][4]) {
+  auto load_words = [&](int slot, int h, int q, uint4& w) {  // the lane's packed words q of row half h
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+                 : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * q));
+  };
+  // k16 steps 2 half and 2 half + 1 into a[0], a[1], from the words q = half of both row halves.
+  auto look_half = [&](uint32_t (*a)[4], const uint4& w0, const uint4& w1, int half) {
+    const uint32_t sa = s2[UNIFORM ? 0 : half], sb = s2[UNIFORM ? 1 : 2 + half];
+#pragma unroll
+    for (int k2 = 0; k2 < 2; ++k2) {
+      a[k2][0] = mma::mul2<T>(look(word(w0, 2 * k2)), sa);
+      a[k2][1] = mma::mul2<T>(look(word(w1, 2 * k2)), sb);
+      a[k2][2] = mma::mul2<T>(look(word(w0, 2 * k2 + 1)), sa);
+      a[k2][3] = mma::mul2<T>(look(word(w1, 2 * k2 + 1)), sb);
+    }
+  };
+  auto decode = [&](int slot, uint32_t (&a)[4][4]) {  // all four k16 steps, the words loaded first
     uint4 w[2][2];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(w[h][q].x), "=r"(w[h][q].y), "=r"(w[h][q].z), "=r"(w[h][q].w)
-                     : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * q));
+      for (int q = 0; q < 2; ++q) load_words(slot, h, q, w[h][q]);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t sa = s2[UNIFORM ? 0 : (kk >> 1)], sb = s2[UNIFORM ? 1 : 2 + (kk >> 1)];
-      a[kk][0] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1))), sa);
-      a[kk][1] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1))), sb);
-      a[kk][2] = mma::mul2<T>(look(word(w[0][kk >> 1], 2 * (kk & 1) + 1)), sa);
-      a[kk][3] = mma::mul2<T>(look(word(w[1][kk >> 1], 2 * (kk & 1) + 1)), sb);
-    }
+    for (int half = 0; half < 2; ++half) look_half(a + 2 * half, w[0][half], w[1][half], half);
   };
 
   float acc[BN / 2];
@@ -388,18 +395,8 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
   auto decode_half = [&](int slot, uint32_t (&a)[2][4], int half) {
     uint4 w[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(w[h].x), "=r"(w[h].y), "=r"(w[h].z), "=r"(w[h].w)
-                   : "r"(w_rd + slot * C::kWStage + 256 * h + 16 * half));
-    const uint32_t sa = s2[UNIFORM ? 0 : half], sb = s2[UNIFORM ? 1 : 2 + half];
-#pragma unroll
-    for (int k2 = 0; k2 < 2; ++k2) {
-      a[k2][0] = mma::mul2<T>(look(word(w[0], 2 * k2)), sa);
-      a[k2][1] = mma::mul2<T>(look(word(w[1], 2 * k2)), sb);
-      a[k2][2] = mma::mul2<T>(look(word(w[0], 2 * k2 + 1)), sa);
-      a[k2][3] = mma::mul2<T>(look(word(w[1], 2 * k2 + 1)), sb);
-    }
+    for (int h = 0; h < 2; ++h) load_words(slot, h, half, w[h]);
+    look_half(a, w[0], w[1], half);
   };
   auto compute_half = [&](int slot, const uint32_t (&a)[2][4], int half) {
     wg::fence();
