@@ -1,4 +1,4 @@
-// Shared by the read probes (read_pattern.cu, read_bulk.cu): the CUDA error check and the plain
+// Shared by the read probes (read_pattern.cu, read_bulk.cu, l2_bulk.cu): the CUDA error check and the plain
 // sequential read (a grid-stride LDG.128 loop with U loads in flight a thread), the baseline both compare with.
 #pragma once
 #include <cuda_runtime.h>
@@ -58,3 +58,26 @@ struct FlushTimer {
     printf("%-*s %8.4f ms %8.1f GB/s\n", width, name, ms, bytes / (ms * 1e-3) / 1e9);
   }
 };
+
+// The TMA probes' mbarrier ring (read_bulk.cu, l2_bulk.cu): shared addresses, init / wait / arrive /
+// expect_tx, and a bulk copy that completes on a barrier.
+__device__ __forceinline__ uint32_t sa(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void bar_init(uint32_t b, int n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint32_t b, uint32_t parity) {
+  uint32_t ok = 0;
+  while (!ok)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                 : "=r"(ok) : "r"(b), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(uint32_t b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(b) : "memory");
+}
+__device__ __forceinline__ void bar_expect(uint32_t b, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk(uint32_t dst, const void* src, uint32_t bytes, uint32_t b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(b) : "memory");
+}
