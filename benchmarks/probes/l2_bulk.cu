@@ -83,8 +83,9 @@ int main() {
   CK(cudaMalloc(&sink, 4));
   FlushTimer timer;
   const int64_t total = 2ll << 30;  // bytes read by the whole grid
-  auto run = [&](auto* k, int stage, int stages, int per_sm, int64_t small) {
-    const int smem = stage * stages;
+  auto run = [&](auto ring, int per_sm, int64_t small) {  // ring: a Ring<STAGE, STAGES>
+    constexpr int stage = decltype(ring)::kStage, stages = decltype(ring)::kStages, smem = stage * stages;
+    auto* k = &l2_ring<stage, stages>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const int grid = sms * per_sm;
     const int64_t nst = total / stage / grid;
@@ -94,12 +95,12 @@ int main() {
     timer.report(nm, 56, static_cast<double>(nst) * stage * grid, [&] { k<<<grid, 288, smem>>>(buf, small, nst, sink); });
   };
   for (int64_t small : {4ll << 20, 16ll << 20}) {
-    run(&l2_ring<16384, 4>, 16384, 4, 1, small);
-    run(&l2_ring<16384, 8>, 16384, 8, 1, small);
-    run(&l2_ring<32768, 4>, 32768, 4, 1, small);
-    run(&l2_ring<32768, 6>, 32768, 6, 1, small);
-    run(&l2_ring<16384, 6>, 16384, 6, 2, small);
-    run(&l2_ring<8192, 8>, 8192, 8, 2, small);
+    run(Ring<16384, 4>{}, 1, small);
+    run(Ring<16384, 8>{}, 1, small);
+    run(Ring<32768, 4>{}, 1, small);
+    run(Ring<32768, 6>{}, 1, small);
+    run(Ring<16384, 6>{}, 2, small);
+    run(Ring<8192, 8>{}, 2, small);
     {
       const int64_t n16 = small / 16, grid = 2ll * sms;
       const int per = static_cast<int>((n16 / (grid * 256) + 3) / 4 * 4), reps = 64;

@@ -106,8 +106,10 @@ int main() {
          [&] { seq_read<4><<<sms * 2, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });
   timeit("seq LDG.128 x4, grid 2 x SMs x 8 warps, 470 MB", 4 * kBytes,
          [&] { seq_read<4><<<sms * 2, 256>>>(reinterpret_cast<const uint4*>(w), 4 * kBytes / 16, sink); });
-  auto run = [&](auto* k, int rows, int stage, int stages, int per_sm, int spin) {
-    const int smem = stage * stages;
+  auto run = [&](auto ring, int per_sm, int spin) {  // ring: a Ring<STAGE, STAGES, ROWS>
+    constexpr int rows = decltype(ring)::kRows, stage = decltype(ring)::kStage, stages = decltype(ring)::kStages;
+    constexpr int smem = stage * stages;
+    auto* k = &bulk_ring<rows, stage, stages>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int occ = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k, 288, smem));
@@ -120,18 +122,18 @@ int main() {
     timeit(nm, kBytes, [&] { k<<<grid, 288, smem>>>(w, spin, sink); });
   };
   for (int spin : {0, 1000}) {
-    run(&bulk_ring<0, 8192, 4>, 0, 8192, 4, 3, spin);
-    run(&bulk_ring<0, 8192, 8>, 0, 8192, 8, 2, spin);
-    run(&bulk_ring<0, 16384, 4>, 0, 16384, 4, 2, spin);
-    run(&bulk_ring<0, 16384, 6>, 0, 16384, 6, 2, spin);
-    run(&bulk_ring<0, 32768, 4>, 0, 32768, 4, 1, spin);
-    run(&bulk_ring<0, 32768, 6>, 0, 32768, 6, 1, spin);
-    run(&bulk_ring<32, 8192, 4>, 32, 8192, 4, 0, spin);
-    run(&bulk_ring<32, 8192, 8>, 32, 8192, 8, 0, spin);
-    run(&bulk_ring<16, 8192, 4>, 16, 8192, 4, 0, spin);
-    run(&bulk_ring<16, 8192, 8>, 16, 8192, 8, 0, spin);
-    run(&bulk_ring<32, 16384, 4>, 32, 16384, 4, 0, spin);
-    run(&bulk_ring<8, 8192, 8>, 8, 8192, 8, 0, spin);
+    run(Ring<8192, 4>{}, 3, spin);  // seq: per_sm blocks an SM (at most what fits)
+    run(Ring<8192, 8>{}, 2, spin);
+    run(Ring<16384, 4>{}, 2, spin);
+    run(Ring<16384, 6>{}, 2, spin);
+    run(Ring<32768, 4>{}, 1, spin);
+    run(Ring<32768, 6>{}, 1, spin);
+    run(Ring<8192, 4, 32>{}, 0, spin);  // rows: one block a row tile
+    run(Ring<8192, 8, 32>{}, 0, spin);
+    run(Ring<8192, 4, 16>{}, 0, spin);
+    run(Ring<8192, 8, 16>{}, 0, spin);
+    run(Ring<16384, 4, 32>{}, 0, spin);
+    run(Ring<8192, 8, 8>{}, 0, spin);
   }
   timeit("seq LDG.128 x4, grid 2 x SMs x 8 warps (again)", kBytes,
          [&] { seq_read<4><<<sms * 2, 256>>>(reinterpret_cast<const uint4*>(w), kBytes / 16, sink); });

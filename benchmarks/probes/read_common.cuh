@@ -59,6 +59,13 @@ struct FlushTimer {
   }
 };
 
+// A ring's shape as a type, so that one value names both the kernel's template arguments and the
+// host's sizes: STAGES slots of STAGE bytes (ROWS: read_bulk.cu's row pattern, 0 = sequential).
+template <int STAGE, int STAGES, int ROWS = 0>
+struct Ring {
+  static constexpr int kStage = STAGE, kStages = STAGES, kRows = ROWS;
+};
+
 // The TMA probes' mbarrier ring (read_bulk.cu, l2_bulk.cu): shared addresses, init / wait / arrive /
 // expect_tx, and a bulk copy that completes on a barrier.
 __device__ __forceinline__ uint32_t sa(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
