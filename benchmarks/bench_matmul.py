@@ -11,7 +11,8 @@ device-to-device copy (bytes read + written) and an 8192^3 fp16 matmul.
 
     python benchmarks/bench_matmul.py                 # all layers -> benchmarks/results/<gpu>/matmul.{md,json,png}
     python benchmarks/bench_matmul.py --tune          # skinny kernel and path crossovers (8192x28672)
-    python benchmarks/bench_matmul.py --sanitize      # every kernel once at odd shapes (for compute-sanitizer)
+    python benchmarks/bench_matmul.py --sanitize      # every kernel once at odd shapes (for compute-sanitizer;
+                                                      #   SANITIZE_ONLY=PREW,wgdp: the cases whose path names these)
     python benchmarks/bench_matmul.py --plot results/h100/matmul.json   # PNG from a saved JSON (no GPU)
 """
 from __future__ import annotations
@@ -324,10 +325,14 @@ def sanitize():
              ("wgdp:NF4KIT_WG_GRID=3", 100, 1200, 512),  # DP + SK at batch tile 128 with the producer warp
              # batch tile 256: the producer warpgroup, and thread 0
              ("wg", 200, 300, 512), ("wgdp:NF4KIT_WG_GRID=3", 260, 900, 512), ("wg:" + thread, 200, 300, 512),
+             ("wg:NF4KIT_WG_PREW=1", 100, 300, 512), ("wgsk:NF4KIT_WG_PREW=1", 100, 300, 512),  # PREW
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     unset = dict.fromkeys(("NF4KIT_WG_GRID", "NF4KIT_WG_PRODUCER", "NF4KIT_WG_BN", "NF4KIT_SKINNY_ROWS",
-                           "NF4KIT_SKINNY_WIDE"), "")
+                           "NF4KIT_SKINNY_WIDE", "NF4KIT_WG_PREW"), "")
+    only = [w for w in os.environ.get("SANITIZE_ONLY", "").split(",") if w]  # e.g. PREW,wgdp: those cases alone
     for spec, M, N, K in cases:
+        if only and not any(w in spec for w in only):
+            continue
         variables = {**unset, **path_env(spec)}
         for dtype, nested, qt, bs in ((torch.float16, True, "nf4", 64), (torch.bfloat16, False, "fp4", 32)):
             W = torch.randn(N, K, dtype=dtype)

@@ -347,6 +347,19 @@ def test_cuda_wg_producer_warp(dtype, path, monkeypatch):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])
+def test_cuda_wg_prew(dtype, path, monkeypatch):
+    """NF4KIT_WG_PREW=1 (batch tile 128 with the producer and the packed scales; the default in DP + SK):
+    the next k tile's packed words loaded a step ahead give the same sums in the same order as without
+    it (NF4KIT_WG_PREW=0), so bit for bit equal; nested and plain, NF4 and FP4, partial tiles, one
+    block per tile, stream-K and DP + SK, and a blocksize where other kernels run."""
+    cases = ((100, 300, 2048, 64, True, "nf4"), (128, 131, 1024, 64, False, "fp4"), (65, 1000, 4096, 64, True, "fp4"),
+             (97, 257, 1024, 64, False, "nf4"), (96, 129, 2048, 128, True, "nf4"), (120, 643, 1280, 64, True, "nf4"))
+    check_switch_identical(monkeypatch, path, cases, dtype, 180, "NF4KIT_WG_PREW", "1", "0", "words a step ahead")
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("wide", ["1", "0"])
 def test_cuda_wg_wide_table(dtype, wide, monkeypatch):
     """Batch tiles 64 and 128 (up to 128 rows) decode through the wide pair table (256-byte rows where

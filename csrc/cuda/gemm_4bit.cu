@@ -16,7 +16,8 @@
 //    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp, a
 //    warpgroup at batch tile 256; thread 0 where the scales are not packed), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
-//    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays).
+//    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays); at batch
+//    tile 128 in DP + SK each warp loads the next k tile's packed words a step ahead (wg_prew_ok).
 //  * tensor-core GEMM (32 < M <= kTcMaxM without sm_90): 128 x BM tiles, BK = 64, multi-stage cp.async of
 //    activations and packed W; W is decoded once per tile into shared memory, ldmatrix feeds
 //    mma.sync m16n8k16 with float32 accumulators.

@@ -107,6 +107,19 @@ constexpr int wg_max_regs(int bn, bool pw, bool sk, bool solo) { return wg_two_b
 constexpr bool wg_halves(int bn, bool pw, bool sk, bool solo) {
   return wg_two_blocks(bn, pw, sk) && (!solo || bn == 64);
 }
+// PREW (launch_wg: batch tile 128, the producer warp and packed scales, DP + SK; NF4KIT_WG_PREW=1 / 0
+// forces it on / off wherever it can run): the next iteration's packed words are loaded at the end of a
+// step, after its wgmma is issued and before waiting for the group before it, so that a step's lookups
+// do not wait for its LDS.128 (ncu source counters at batch 128, h200/experiments/
+// ncu_source_wgdp_128_1024_s20_run6.txt: 23% of the warps' samples on shared-memory results, the
+// words' PRMTs among the top instructions). 16 more registers (163-168, no spill); the same sums in the
+// same order. The ring needs at least 3 stages (slot j + 1 is waited for before slot j - 1 is released).
+// H200, twenty-first session, main -> PREW at batch tiles 128 and 256 in every mode, 4 rounds, one
+// process per build and round (h200/experiments/ab_builds_prew_s21_run2.log, _run3.log; fp16, ms):
+// 8192x28672 at 128 (DP + SK) 0.1196 / 0.1190 -> 0.1157 / 0.1152 in two runs, every round faster;
+// but 4096x14336 at 128 (one block per tile, 112 tiles) 0.0345 / 0.0343 -> 0.0354 / 0.0354 and 8192x28672
+// at 256 0.1817 / 0.1795 -> 0.1840 / 0.1823, slower in both runs. So only where it gained.
+constexpr bool wg_prew_ok(int bn, bool pw, int scales) { return bn == 128 && pw && scales == 2; }
 template <int BN, bool PW>
 constexpr int kWgThreads = WgCfg<BN>::kThreads + (!PW ? 0 : wg_producer_warpgroup(BN) ? 128 : 32);
 
@@ -144,7 +157,7 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // PW: a producer issues the copies of every slot, the whole ring ahead (warp 8 lane 0; at batch
 // tile 256 a whole third warpgroup, see kWgThreads); without it thread 0 of warp 0 produces between
 // its own steps, S - 2 slots ahead.
-template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, bool SOLO = false,
+template <typename T, int BN, int SCALES, bool NESTED, bool SK, bool PW = false, bool SOLO = false, bool PREW = false,
           int STAGES = wg_stages(BN, SK, SCALES)>
 __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, SOLO))
     __maxnreg__(wg_max_regs(BN, PW, SK, SOLO))
@@ -371,14 +384,20 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
       a[k2][3] = mma::mul2<T>(look(word(w1, 2 * k2 + 1)), sb);
     }
   };
-  auto decode = [&](int slot, uint32_t (&a)[4][4]) {  // all four k16 steps, the words loaded first
-    uint4 w[2][2];
+  auto load_tile_words = [&](int slot, uint4 (&w)[2][2]) {  // all the lane's words of the slot's tile
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int q = 0; q < 2; ++q) load_words(slot, h, q, w[h][q]);
+  };
+  auto decode_words = [&](const uint4 (&w)[2][2], uint32_t (&a)[4][4]) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) look_half(a + 2 * half, w[0][half], w[1][half], half);
+  };
+  auto decode = [&](int slot, uint32_t (&a)[4][4]) {  // all four k16 steps, the words loaded first
+    uint4 w[2][2];
+    load_tile_words(slot, w);
+    decode_words(w, a);
   };
 
   float acc[BN / 2];
@@ -466,6 +485,8 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
   uint32_t af0[4][4], af1[4][4];
   uint32_t hb[2][2][4];  // HALVES: the A registers of the two halves
   constexpr bool HALVES = wg_halves(BN, PW, SK, SOLO);
+  static_assert(!PREW || (S >= 3 && !HALVES && wg_prew_ok(BN, PW, SCALES)), "PREW: see wg_prew_ok");
+  uint4 wn[2][2];  // PREW: the words of the next iteration, loaded a step ahead
   int rd_slot = 0, wr_slot = S - 2, prev_slot = 0;
   uint32_t phases = 0;  // bit s: parity of full[s]'s next completion
   if (!PW && tid == 0) {
@@ -510,8 +531,10 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
       finish(qv[i], vv[i]);
       raw(j + LA, kt_raw, qv[i], vv[i]);
     }
-    wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
-    phases ^= 1u << rd_slot;
+    if constexpr (!PREW) {
+      wg::mbar_wait(full_bar(rd_slot), (phases >> rd_slot) & 1u);  // iteration j landed
+      phases ^= 1u << rd_slot;
+    }
     if constexpr (HALVES) {
       decode_half(rd_slot, hb[0], 0);  // hb[0] is free: the last wait left only j - 1's second half
       compute_half(rd_slot, hb[0], 0);
@@ -520,6 +543,17 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
       decode_half(rd_slot, hb[1], 1);
       compute_half(rd_slot, hb[1], 1);
       wg::wait<1>();  // this first half done: hb[0] is free for iteration j + 1
+    } else if constexpr (PREW) {
+      decode_words(wn, af);  // iteration j's words, loaded during step j - 1 (or before the loop)
+      compute(rd_slot, af);
+      const int nx = rd_slot + 1 == S ? 0 : rd_slot + 1;
+      if (j + 1 < len) {  // iteration j + 1's words, while group j - 1 finishes
+        wg::mbar_wait(full_bar(nx), (phases >> nx) & 1u);
+        phases ^= 1u << nx;
+        load_tile_words(nx, wn);
+      }
+      wg::wait<1>();  // group j - 1 done: its A registers are free and the warp is done with its slot
+      if (j > 0 && lane == 0) wg::mbar_arrive(empty_bar(prev_slot));
     } else {
       decode(rd_slot, af);
       compute(rd_slot, af);
@@ -532,6 +566,13 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
   };
   static_assert(LA == 4, "the loop below is unrolled for 4 scale sets");
   // SK: shares and tiles start at multiples of 4 k tiles, so segments end only between groups of 4.
+  if constexpr (PREW) {
+    if (len > 0) {  // iteration 0's words
+      wg::mbar_wait(full_bar(0), 0u);
+      phases ^= 1u;
+      load_tile_words(0, wn);
+    }
+  }
   int j = 0, c_kt = kt0;
   Cur cc = cur_at();
   bool seg_head = kt0 == 0;
@@ -674,11 +715,11 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   const CUtensorMap w_map = tensor_map_2d(p.packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, C::kBK / 2,
                                           C::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
   // One instantiation, named by its tags; block size and shared memory follow from them.
-  auto go = [&](auto scales_tag, auto nested_tag, auto sk_tag, auto pw_tag, auto solo_tag) {
+  auto go = [&](auto scales_tag, auto nested_tag, auto sk_tag, auto pw_tag, auto solo_tag, auto prew_tag) {
     constexpr int SCALES = decltype(scales_tag)::value;
     constexpr bool NESTED = decltype(nested_tag)::value, SK = decltype(sk_tag)::value, PW = decltype(pw_tag)::value;
     constexpr int smem = WgCfg<BN, wg_stages(BN, SK, SCALES)>::kSmem;
-    auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW, decltype(solo_tag)::value>;
+    auto kernel = &gemm4_wg_kernel<T, BN, SCALES, NESTED, SK, PW, decltype(solo_tag)::value, decltype(prew_tag)::value>;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(grid), kWgThreads<BN, PW>, smem, stream>>>(
         p, a_map, w_map, static_cast<int>(m_tiles), static_cast<int>(n_tiles), split);
@@ -716,6 +757,8 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
   const char* pw_env = std::getenv("NF4KIT_WG_PRODUCER");
   const bool pw_forced = pw_env != nullptr && *pw_env;
   const bool pw = pack && !(pw_forced && !std::strcmp(pw_env, "thread"));
+  const char* prew_env = std::getenv("NF4KIT_WG_PREW");  // development aid: 1 / 0 forces PREW on / off
+  const bool prew = prew_env != nullptr && *prew_env ? !std::strcmp(prew_env, "1") : mode == 2;
   using S2 = std::integral_constant<int, 2>;
   using S1 = std::integral_constant<int, 1>;
   using S0 = std::integral_constant<int, 0>;
@@ -725,13 +768,16 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
     bool_switch(nested, [&](auto nested_tag) {
       if (pw) {
         if constexpr (wg_two_blocks(BN, true, decltype(sk_tag)::value)) {
-          if (solo) return go(S2{}, nested_tag, sk_tag, Tr{}, Tr{});
+          if (solo) return go(S2{}, nested_tag, sk_tag, Tr{}, Tr{}, F{});
         }
-        return go(S2{}, nested_tag, sk_tag, Tr{}, F{});
+        if constexpr (wg_prew_ok(BN, true, 2)) {
+          if (prew) return go(S2{}, nested_tag, sk_tag, Tr{}, F{}, Tr{});
+        }
+        return go(S2{}, nested_tag, sk_tag, Tr{}, F{}, F{});
       }
-      if (pack) go(S2{}, nested_tag, sk_tag, F{}, F{});
-      else if (uniform) go(S1{}, nested_tag, sk_tag, F{}, F{});
-      else go(S0{}, nested_tag, sk_tag, F{}, F{});
+      if (pack) go(S2{}, nested_tag, sk_tag, F{}, F{}, F{});
+      else if (uniform) go(S1{}, nested_tag, sk_tag, F{}, F{}, F{});
+      else go(S0{}, nested_tag, sk_tag, F{}, F{}, F{});
     });
   });
 }
