@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -53,6 +52,27 @@ def path_env(spec: str) -> dict:
     value, or "auto" for the dispatch's own choice), for env(): the probes' way to name candidates."""
     path, *extra = spec.split(":")
     return dict(NF4KIT_GEMM_PATH="" if path == "auto" else path, **dict(v.split("=", 1) for v in extra))
+
+
+def env_list(name: str, default: str) -> list:
+    """A probe's comma-separated setting from the environment (PATHS, LAYERS), empty items dropped."""
+    return [v for v in os.environ.get(name, default).split(",") if v]
+
+
+def env_ints(name: str, default: str) -> list:
+    """The same as integers (MS, CHUNKS, BNS)."""
+    return [int(v) for v in env_list(name, default)]
+
+
+def env_int(name: str, default: int) -> int:
+    """One integer setting (ROUNDS)."""
+    return int(os.environ.get(name, str(default)))
+
+
+def env_layer(default: str) -> tuple:
+    """LAYER, "KxN" (in x out), as (K, N)."""
+    K, N = (int(v) for v in os.environ.get("LAYER", default).split("x"))
+    return K, N
 
 
 def gpu_tag(name: str) -> str:

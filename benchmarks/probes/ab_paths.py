@@ -12,18 +12,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, path_env, quantize  # noqa: E402
+from bench_matmul import bench, env, env_int, env_ints, env_layer, env_list, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 
 
 def main():
-    K, N = (int(v) for v in os.environ.get("LAYER", "8192x28672").split("x"))
+    K, N = env_layer("8192x28672")
     dtype = getattr(torch, os.environ.get("DTYPE", "float16"))
-    Ms = [int(m) for m in os.environ.get("MS", "256,512,1024").split(",")]
-    paths = os.environ.get("PATHS", "wg,wgdp").split(",")
-    rounds = int(os.environ.get("ROUNDS", "7"))
+    Ms = env_ints("MS", "256,512,1024")
+    paths = env_list("PATHS", "wg,wgdp")
+    rounds = env_int("ROUNDS", 7)
     g = torch.Generator(device="cuda").manual_seed(K + N)
     W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) * 0.02
     Bq, qs = quantize(W)

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_matmul  # noqa: E402
-from bench_matmul import bench, load_bnb, quantize  # noqa: E402
+from bench_matmul import bench, env_int, env_ints, env_list, load_bnb, quantize  # noqa: E402
 
 bench_matmul.torch = torch  # bench_matmul imports torch in its main()
 
@@ -20,9 +20,9 @@ import torch.nn.functional as TF  # noqa: E402
 
 def main():
     K, N = 8192, 28672
-    Ms = [int(m) for m in os.environ.get("MS", os.environ.get("M", "4096")).split(",")]
-    paths = [q for q in os.environ.get("PATHS", "").split(",") if q]
-    rounds = int(os.environ.get("ROUNDS", "5"))
+    Ms = env_ints("MS", os.environ.get("M", "4096"))
+    paths = env_list("PATHS", "")
+    rounds = env_int("ROUNDS", 5)
     bnb, BF = load_bnb()
     for dtype in (torch.float16, torch.bfloat16):
         g = torch.Generator(device="cuda").manual_seed(K + N)

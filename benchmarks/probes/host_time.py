@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, path_env, quantize  # noqa: E402
+from bench_matmul import bench, env, env_ints, env_list, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -46,9 +46,9 @@ def graph_ms(fn):
 
 
 def main():
-    layers = os.environ.get("LAYERS", "4096x4096,8192x28672").split(",")
-    Ms = [int(m) for m in os.environ.get("MS", "1,128").split(",")]
-    paths = os.environ.get("PATHS", "auto,dequant,wg").split(",")
+    layers = env_list("LAYERS", "4096x4096,8192x28672")
+    Ms = env_ints("MS", "1,128")
+    paths = env_list("PATHS", "auto,dequant,wg")
     dtype = torch.float16
     print(f"# host_time fp16 on {torch.cuda.get_device_name()}, torch {torch.__version__}: host us per call | "
           "graph replay ms | plain call ms (both medians, L2 flushed)")

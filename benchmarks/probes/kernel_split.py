@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, path_env, quantize  # noqa: E402
+from bench_matmul import bench, env, env_ints, env_layer, env_list, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -34,9 +34,9 @@ def kernels(fn, reps, flush):
 
 
 def main():
-    K, N = (int(v) for v in os.environ.get("LAYER", "4096x4096").split("x"))
-    Ms = [int(m) for m in os.environ.get("MS", "96,128,256").split(",")]
-    paths = os.environ.get("PATHS", "auto,dequant,wgsk,wg").split(",")
+    K, N = env_layer("4096x4096")
+    Ms = env_ints("MS", "96,128,256")
+    paths = env_list("PATHS", "auto,dequant,wgsk,wg")
     reps = int(os.environ.get("REPS", "20"))
     dtype = torch.float16
     g = torch.Generator(device="cuda").manual_seed(K + N)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, quantize  # noqa: E402
+from bench_matmul import bench, env_int, env_ints, env_layer, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -68,10 +68,10 @@ def overlapped(A, pieces, side, out):
 
 
 def main():
-    K, N = (int(x) for x in os.environ.get("LAYER", "8192x28672").split("x"))
-    Ms = [int(m) for m in os.environ.get("MS", "1024,4096").split(",")]
-    Cs = [int(c) for c in os.environ.get("CHUNKS", "2,4,8").split(",")]
-    rounds = int(os.environ.get("ROUNDS", "5"))
+    K, N = env_layer("8192x28672")
+    Ms = env_ints("MS", "1024,4096")
+    Cs = env_ints("CHUNKS", "2,4,8")
+    rounds = env_int("ROUNDS", 5)
     dtype = torch.float16
     g = torch.Generator(device="cuda").manual_seed(K + N)
     W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) * 0.02

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import env, path_env, quantize  # noqa: E402
+from bench_matmul import env, env_ints, env_layer, env_list, path_env, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -65,9 +65,9 @@ def sampled(fn, seconds: float):
 
 
 def main():
-    K, N = (int(v) for v in os.environ.get("LAYER", "8192x28672").split("x"))
-    Ms = [int(m) for m in os.environ.get("MS", "1,32,128,1024,4096").split(",")]
-    paths = os.environ.get("PATHS", "auto").split(",")
+    K, N = env_layer("8192x28672")
+    Ms = env_ints("MS", "1,32,128,1024,4096")
+    paths = env_list("PATHS", "auto")
     seconds = float(os.environ.get("SECONDS", "1.5"))
     dtype = torch.float16
     print(f"# power_clock {K}x{N} fp16 on {torch.cuda.get_device_name()}; power limit, max SM clock: "

@@ -6,29 +6,29 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_matmul import bench, env, quantize  # noqa: E402
+from bench_matmul import bench, env, env_ints, env_layer, env_list, quantize  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 
 
 def main():
-    K, N = (int(v) for v in os.environ.get("LAYER", "8192x28672").split("x"))
+    K, N = env_layer("8192x28672")
     dtype = torch.float16
     W = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
     Bq, qs = quantize(W)
-    Ms = [int(m) for m in os.environ.get("MS", "16,32,64,128,256,512,1024,4096").split(",")]
+    Ms = env_ints("MS", "16,32,64,128,256,512,1024,4096")
     with torch.inference_mode():
         for M in Ms:
             A = torch.randn(M, K, device="cuda", dtype=dtype)
             rep = 40 if M >= 1024 else 100
             t_c = bench(lambda: TF.linear(A, W), rep)
             row = [f"M={M:5d} cublas {t_c:.4f}"]
-            for bn in [int(b) for b in os.environ.get("BNS", "64,128,256").split(",") if b]:
+            for bn in env_ints("BNS", "64,128,256"):
                 with env(NF4KIT_GEMM_PATH="wg", NF4KIT_WG_BN=str(bn)):
                     t = bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)
                 row.append(f"wg{bn}:{t:.4f}({t_c / t:.2f}x)")
-            for path in os.environ.get("PATHS", "skinny,dequant" if M <= 32 else "dequant").split(","):
+            for path in env_list("PATHS", "skinny,dequant" if M <= 32 else "dequant"):
                 with env(NF4KIT_GEMM_PATH=path):
                     t = bench(lambda: F.matmul_4bit(A, Bq.t(), qs), rep)
                 row.append(f"{path}:{t:.4f}({t_c / t:.2f}x)")
