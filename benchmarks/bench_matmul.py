@@ -349,7 +349,7 @@ def sanitize():
              ("generic", 3, 17, 33), ("generic", 9, 5, 127), ("dequant", 40, 33, 99)]
     unset = dict.fromkeys(("NF4KIT_WG_GRID", "NF4KIT_WG_PRODUCER", "NF4KIT_WG_BN", "NF4KIT_SKINNY_ROWS",
                            "NF4KIT_SKINNY_WIDE", "NF4KIT_WG_PREW"), "")
-    only = [w for w in os.environ.get("SANITIZE_ONLY", "").split(",") if w]  # e.g. PREW,wgdp: those cases alone
+    only = env_list("SANITIZE_ONLY", "")  # e.g. PREW,wgdp: those cases alone
     for spec, M, N, K in cases:
         if only and not any(w in spec for w in only):
             continue
