@@ -331,6 +331,7 @@ def sanitize():
              (skinny_rows32, 1, 33, 96), (skinny_rows32, 5, 70, 4128), (skinny_rows32, 12, 95, 1024),
              (skinny_rows32, 16, 64, 1024),  # blocks of 32 rows forced (small N takes 16 rows), partial and whole stages
              (skinny_rows32, 1, 64, 512), (skinny_rows32, 3, 64, 1536), (skinny_rows32, 9, 64, 2560),  # 1, 3, 5 stages (V2's prologue)
+             ("skinny", 1, 48, 2048), ("skinny", 40, 64, 2048),  # whole stages and row tiles (fp16 rows): evict_first copies
              ("tc", 33, 129, 224), ("tc", 130, 72, 320), ("tc", 7, 300, 96),
              ("wg", 33, 129, 224), ("wg", 130, 72, 320), ("wg", 7, 300, 96), ("wg", 100, 200, 320), ("wg", 300, 140, 128),
              ("wg", 65, 300, 512),  # K % 256 == 0: the packed scale loads (fp16 nf4 bs64 rows)

@@ -326,6 +326,44 @@ def test_cuda_skinny_wide(dtype, monkeypatch):
                            bias=True)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rows", ["16", "32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_skinny_l2_evict_first(dtype, rows, monkeypatch):
+    """The skinny kernel's packed-W copies with an L2 evict_first policy (whole stages and row tiles:
+    K % 512 == 0 or K % 1024 == 0 with 16-row blocks, N % rows == 0, blocksize >= 64), against the
+    reference, and bit for bit equal to the default policy (NF4KIT_L2_EVICT_FIRST=0): batch 1 to 64
+    (one, two, four and eight n8 tiles, the wide pass), one and many stages, every blocksize mode
+    (blocksize 32 takes the kernel without the policy, which must run too)."""
+    monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
+    shapes = [(1, 32, 1024), (1, 64, 4096), (4, 96, 2048), (8, 32, 1024), (12, 64, 3072), (16, 128, 1024),
+              (24, 32, 2048), (32, 64, 1024), (1, 4096, 1024), (3, 48, 2048), (40, 64, 1024), (64, 32, 2048)]
+    cases = [(M, N, K, bs, nested, qt) for i, (M, N, K) in enumerate(shapes)
+             for j, (bs, nested, qt) in enumerate(MODES) if i < 3 or j == i % len(MODES)]
+    monkeypatch.setenv("NF4KIT_SKINNY_WIDE", "1")  # 33..64 rows in one pass
+    check_switch_identical(monkeypatch, "skinny", cases, dtype, 190, "NF4KIT_L2_EVICT_FIRST", None, "0",
+                           f"skinny evict_first rows {rows}", bias=True)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+def test_cuda_dispatch_skinny_to_warpgroup():
+    """The automatic dispatch at 12..16 rows with many row tiles (at least half a warpgroup block an
+    SM): the skinny kernel up to 15 rows where it runs whole stages and row tiles (blocksize >= 64,
+    K % 512 == 0, N % 32 == 0: kWgFromMWhole), the warpgroup kernel from 12 rows otherwise
+    (kWgFromM) and from 16 in both; each case bit for bit the forced kernel's result."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N = 128 * ((sms + 1) // 2)  # wg tiles at batch tile 32: ceil(N / 128) * 2 >= sms
+    for i, (M, K, bs, want) in enumerate([(12, 1024, 64, "skinny"), (15, 1536, 128, "skinny"), (16, 1024, 64, "wg"),
+                                          (12, 1024, 32, "wg"), (13, 1056, 64, "wg")]):
+        B, qs = quantized(N, K, bs, "nf4", True, "cuda", seed=400 + i)
+        A = activations((M, K), torch.float16, "cuda", seed=450 + i)
+        with gemm_path(None):
+            auto = F.matmul_4bit(A, B.t(), qs)
+        with gemm_path(want):
+            forced = F.matmul_4bit(A, B.t(), qs)
+        torch.testing.assert_close(auto, forced, rtol=0, atol=0, msg=lambda m: f"M={M} K={K} bs={bs} ({want}): {m}")
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])

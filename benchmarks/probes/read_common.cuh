@@ -1,4 +1,4 @@
-// Shared by the read probes (read_pattern.cu, read_bulk.cu, l2_bulk.cu): the CUDA error check and the plain
+// Shared by the read probes (read_pattern.cu, read_bulk.cu, l2_bulk.cu, l2_policy.cu): the CUDA error check and the plain
 // sequential read (a grid-stride LDG.128 loop with U loads in flight a thread), the baseline both compare with.
 #pragma once
 #include <cuda_runtime.h>

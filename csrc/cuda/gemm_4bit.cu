@@ -3,7 +3,7 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, or 11 with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
+//  * skinny (M <= 32, or 11 (15 with whole stages) with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
 //    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
@@ -182,6 +182,11 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     kq[i] = 32 * q;
     dst[i] = tab + ring_offset<HPR>(row, q >> 3, (q & 7) >> 1, q & 1);
   }
+  // W is read once: its copies go into L2 as evict_first (l2_read_policy), in WHOLE mode. With the
+  // zero-fill operand (the other modes' partial rows and stages) ptxas 13.0 emitted the hinted copy in
+  // the loop as LDGSTS [R + UR0], desc[UR1] with UR0 / UR1 never written: an illegal instruction on
+  // the H200 (twenty-second session).
+  const uint64_t w_policy = l2_read_policy(WHOLE && p.w_evict_first != 0);
   int s_issue = 0;
   int64_t k_issue = 0;
   auto issue = [&]() {
@@ -189,10 +194,16 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       const uint32_t si = static_cast<uint32_t>(s_issue & (S - 1));
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const bool ok = WHOLE || (rok[i] && k_issue + kq[i] < K);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
-                     "l"(ok ? src[i] : p.packed), "r"(ok ? 16 : 0)
-                     : "memory");
+        if constexpr (WHOLE) {
+          asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
+                       "l"(src[i]), "l"(w_policy)
+                       : "memory");
+        } else {
+          const bool ok = rok[i] && k_issue + kq[i] < K;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
+                       "l"(ok ? src[i] : p.packed), "r"(ok ? 16 : 0)
+                       : "memory");
+        }
       }
     }
     mma::cp_async_commit();
@@ -690,9 +701,10 @@ PathChoice path_override() {
 // benchmarks/results/h200/matmul.md and the wg_probe_*.log next to it, fifth session):
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
-//                Since the seventeenth session 17..32 (since the nineteenth 12..32) go to the
+//                Since the seventeenth session 17..32 (since the nineteenth 12..32; since the
+//                twenty-second 16..32 where the skinny kernel runs whole stages) go to the
 //                warpgroup kernel at batch tile 32 where it has at least half a block per SM
-//                (kWgFromM).
+//                (kWgFromM, kWgFromMWhole).
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
@@ -728,6 +740,13 @@ constexpr int64_t kSkinnyAutoMaxM = 32;
 // 0.0266 / 0.0266 (eighteenth session, ab_paths_9_16_mr112_run1.log: at 9 0.0249 against 0.0265).
 // One threshold for both: 12 gains 4-7% on the first at 12..16 and costs the second ~3% at 12..13.
 constexpr int64_t kWgFromM = 12;
+// ... and from 16 where the skinny kernel runs whole stages and row tiles (kSkinnyWhole: blocksize
+// >= 64, K % 512 == 0, N % 32 == 0), whose copies are evict_first in L2 since the twenty-second
+// session. H200, 7 interleaved rounds (h200/experiments/ab_paths_12_16_s22_run6.txt), skinny against
+// batch tile 32, ms, fp16 (bf16 alike): 8192x28672 at 12 / 14 / 15 / 16 0.0640 / 0.0655 / 0.0664 /
+// 0.0672 against 0.0673 / 0.0668 / 0.0668 / 0.0671; 4096x14336 0.0248 / 0.0256 / 0.0256 / 0.0260
+// against 0.0262 / 0.0268 / 0.0265 / 0.0263.
+constexpr int64_t kWgFromMWhole = 16;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
@@ -753,6 +772,8 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   const Code4Tables t = make_code4_tables(a.qt);
   for (int i = 0; i < 16; ++i) p.code[i] = t.decode[i];
   p.code_mul = a.qt == QuantType::FP4 ? 6.0f : 1.0f;
+  const char* ef = std::getenv("NF4KIT_L2_EVICT_FIRST");  // development aid: 0 = the default L2 policy
+  p.w_evict_first = ef != nullptr && !std::strcmp(ef, "0") ? 0 : 1;
   return p;
 }
 
@@ -911,8 +932,11 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                       : wg_ok && a.K < kWgLongK && wg_tiles(a.M, a.N) * 2 < sms);
   if (path == Path::Auto) {
     const int64_t wg_n = wg_tiles(a.M, a.N);
-    // 12..32 rows with many row tiles: the warpgroup kernel at batch tile 32 (kWgFromM)
-    const bool wg_early = wg_ok && a.M >= kWgFromM && wg_n * 2 >= sms;
+    // 12..32 rows (16..32 with whole skinny stages) with many row tiles: the warpgroup kernel at
+    // batch tile 32 (kWgFromM, kWgFromMWhole)
+    const bool skinny_whole = a.blocksize >= kSkinnyGroup && a.K % kSkinnyStageK == 0 && a.N % kSkinnyRows == 0 &&
+                              a.N * a.K < (int64_t{1} << 37);
+    const bool wg_early = wg_ok && a.M >= (skinny_whole ? kWgFromMWhole : kWgFromM) && wg_n * 2 >= sms;
     if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))

@@ -34,7 +34,20 @@ struct GemmParams {
   // product that the float32 reference does not have and that no per-weight rounding averages out
   // when the scale multiplies a whole group's sum. 1 for NF4.
   float code_mul;
+  // 1: the skinny kernel reads packed W once, so its lines go into L2 as evict_first
+  // (l2_read_policy). 0: the default policy (NF4KIT_L2_EVICT_FIRST=0, a development aid).
+  int w_evict_first;
 };
+
+// The L2 cache policy of a read: evict_first for data read once, so that its lines replace each
+// other in L2 instead of the lines already there. After the benchmarks' L2 flush (a 256 MB write)
+// those are dirty, and each one a read pushes out is a write-back inside the timed read.
+__device__ __forceinline__ uint64_t l2_read_policy(bool evict_first) {
+  uint64_t pol;
+  if (evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  else asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
 
 // An absmax in two halves, so that its loads can be issued one step before it is needed.
 struct RawScale {
