@@ -20,7 +20,6 @@
 #include <vector>
 #include "read_common.cuh"
 
-constexpr int64_t kN = 28672, kK = 8192, kRowBytes = kK / 2, kBytes = kN * kRowBytes;
 
 // ROWS == 0: seq (persistent, contiguous ranges); else rows.
 template <int ROWS, int STAGE, int STAGES>
@@ -93,12 +92,7 @@ int main() {
   uint8_t* w; unsigned* sink;
   CK(cudaMalloc(&w, kBytes * 4));  // 4x for the large seq reference
   CK(cudaMalloc(&sink, 4));
-  {
-    std::vector<uint8_t> h(kBytes * 4);
-    uint32_t x = 12345;
-    for (auto& b : h) { x = x * 1664525u + 1013904223u; b = static_cast<uint8_t>(x >> 24); }
-    CK(cudaMemcpy(w, h.data(), h.size(), cudaMemcpyHostToDevice));
-  }
+  fill_weight(w, kBytes * 4);
   FlushTimer timer;
   auto timeit = [&](const char* name, int64_t bytes, auto&& launch) { timer.report(name, 62, bytes, launch); };
   const int sms = prop.multiProcessorCount;

@@ -1,5 +1,5 @@
 // Standalone probe (no torch): how fast can the skinny kernel's memory pattern read an
-// 8192 x 28672 packed 4-bit weight (117 MB) with no decode at all? A block owns ROWS rows of W and
+// 8192 x 28672 packed 4-bit weight (117 MB) with no decode at all? tile_ring (read_common.cuh): a block owns ROWS rows of W and
 // walks K in stages of ROWS x CHUNK bytes (8 KB), copied by cp.async (16 bytes per thread) into a
 // STAGES-deep ring; each stage: wait, block barrier, issue the stage STAGES - 1 ahead, read one
 // 16-byte word back (and, with SPIN, burn that many cycles per warp as a stand-in for the decode).
@@ -18,68 +18,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-#include "read_common.cuh"
-
-constexpr int64_t kN = 28672, kK = 8192, kRowBytes = kK / 2, kBytes = kN * kRowBytes;
-constexpr int kStageBytes = 8192;
-
-__device__ __forceinline__ void cp16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wait_groups() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-template <int ROWS, int STAGES, bool PAIR = false>
-__global__ void __launch_bounds__(256) tile_ring(const uint8_t* __restrict__ w, int spin, unsigned* sink) {
-  constexpr int CHUNK = kStageBytes / ROWS;       // bytes of each row per stage
-  constexpr int PER = kStageBytes / 16 / 256;     // 16-byte copies per thread per stage
-  constexpr int NST = kRowBytes / CHUNK;
-  extern __shared__ __align__(128) uint8_t smem[];
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int tid = threadIdx.x;
-  const uint8_t* src[PER];
-  uint32_t dst[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int id = tid + 256 * i, row = id / (CHUNK / 16), q = id % (CHUNK / 16);
-    src[i] = w + (static_cast<int64_t>(blockIdx.x) * ROWS + row) * kRowBytes + 16 * q;
-    dst[i] = base + 16 * id;
-  }
-  int issued = 0;
-  auto issue = [&]() {
-    if (issued < NST) {
-#pragma unroll
-      for (int i = 0; i < PER; ++i) cp16(dst[i] + (issued % STAGES) * kStageBytes, src[i] + issued * CHUNK);
-    }
-    commit();
-    ++issued;
-  };
-  unsigned acc = 0;
-  if constexpr (PAIR) {  // two stages per issue at even stages: 2 x CHUNK contiguous bytes of each row
-    issue(); issue();
-  } else {
-    for (int s = 0; s < STAGES - 1; ++s) issue();
-  }
-  for (int s = 0; s < NST; ++s) {
-    if constexpr (PAIR) {
-      // even s: stages s, s + 1 in flight (two groups); odd s: s only
-      if (s & 1) wait_groups<0>(); else wait_groups<1>();
-      __syncthreads();
-      if (!(s & 1)) { issue(); issue(); }
-    } else {
-      wait_groups<STAGES - 2>();
-      __syncthreads();
-      issue();
-    }
-    const uint4 v = *reinterpret_cast<const uint4*>(smem + (s % STAGES) * kStageBytes + 16 * tid);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    if (spin > 0) {
-      const long long t0 = clock64();
-      while (clock64() - t0 < spin) acc += 1;
-    }
-  }
-  if (acc == 0x12345678u) *sink = acc;
-}
+#include "read_common.cuh"  // tile_ring: the barrier ring
 
 // The ring without a block barrier (see the top). 8 warps consume every stage (each its 16 bytes
 // a thread, as tile_ring); slot s % STAGES is refilled with stage s + STAGES by the last warp to
@@ -197,12 +136,7 @@ int main(int argc, char** argv) {
   uint8_t* w; unsigned* sink;
   CK(cudaMalloc(&w, kBytes));
   CK(cudaMalloc(&sink, 4));
-  {
-    std::vector<uint8_t> h(kBytes);
-    uint32_t x = 12345;
-    for (auto& b : h) { x = x * 1664525u + 1013904223u; b = static_cast<uint8_t>(x >> 24); }
-    CK(cudaMemcpy(w, h.data(), kBytes, cudaMemcpyHostToDevice));
-  }
+  fill_weight(w);
   FlushTimer timer;
   auto timeit = [&](const char* name, auto&& launch) { timer.report(name, 58, kBytes, launch); };
   const int sms = prop.multiProcessorCount;
