@@ -330,11 +330,10 @@ def test_cuda_skinny_wide(dtype, monkeypatch):
 @pytest.mark.parametrize("rows", ["16", "32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_skinny_l2_evict_first(dtype, rows, monkeypatch):
-    """The skinny kernel's packed-W copies with an L2 evict_first policy (whole stages and row tiles:
-    K % 512 == 0 or K % 1024 == 0 with 16-row blocks, N % rows == 0, blocksize >= 64), against the
-    reference, and bit for bit equal to the default policy (NF4KIT_L2_EVICT_FIRST=0): batch 1 to 64
-    (one, two, four and eight n8 tiles, the wide pass), one and many stages, every blocksize mode
-    (blocksize 32 takes the kernel without the policy, which must run too)."""
+    """The skinny kernel's packed-W copies with an L2 evict_first policy, against the reference, and
+    bit for bit equal to the default policy (NF4KIT_L2_EVICT_FIRST=0): batch 1 to 64 (one, two, four
+    and eight n8 tiles, the wide pass), one and many stages, every blocksize mode, partial row tiles
+    (N % 32 != 0: the copies past N zero-filled without the policy)."""
     monkeypatch.setenv("NF4KIT_SKINNY_ROWS", rows)
     shapes = [(1, 32, 1024), (1, 64, 4096), (4, 96, 2048), (8, 32, 1024), (12, 64, 3072), (16, 128, 1024),
               (24, 32, 2048), (32, 64, 1024), (1, 4096, 1024), (3, 48, 2048), (40, 64, 1024), (64, 32, 2048)]
@@ -343,6 +342,21 @@ def test_cuda_skinny_l2_evict_first(dtype, rows, monkeypatch):
     monkeypatch.setenv("NF4KIT_SKINNY_WIDE", "1")  # 33..64 rows in one pass
     check_switch_identical(monkeypatch, "skinny", cases, dtype, 190, "NF4KIT_L2_EVICT_FIRST", None, "0",
                            f"skinny evict_first rows {rows}", bias=True)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["wg", "wgsk", "wgdp"])
+def test_cuda_wg_l2_evict_first(dtype, path, monkeypatch):
+    """The warpgroup kernel's TMA loads of W with an evict_first L2 policy (one batch tile), against the
+    reference and bit for bit equal to the default policy (NF4KIT_L2_EVICT_FIRST=0): batch tiles 32 to
+    256, one and several batch tiles (the policy off), partial tiles."""
+    cases = [(24, 300, 512, True), (48, 129, 1024, False), (100, 300, 512, True), (200, 260, 1024, True),
+             (300, 140, 512, False), (33, 1100, 2048, True)]
+    if path == "wgdp":
+        monkeypatch.setenv("NF4KIT_WG_GRID", "3")
+    check_switch_identical(monkeypatch, path, cases, dtype, 520, "NF4KIT_L2_EVICT_FIRST", None, "0",
+                           f"{path} evict_first", bias=True)
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")

@@ -7,13 +7,14 @@
 //    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
-//    cp.async in whole lines (a 4-stage ring inside the decode table's unused row halves), W is the
+//    cp.async in whole lines, evict_first in L2 (a 4-stage ring inside the decode table's unused row halves), W is the
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
 //  * warpgroup kernel (sm_90a, 32 < M <= 512, 11 < M with many row tiles, up to 2048 for K >= 8192;
 //    batch tiles 32, 64, 128, 256: wg_tile_n): wgmma with W decoded
-//    straight into the A registers, activations and packed W by TMA (issued by a producer: a warp, a
+//    straight into the A registers, activations and packed W by TMA (W evict_first in L2 with one batch
+//    tile; issued by a producer: a warp, a
 //    warpgroup at batch tile 256; thread 0 where the scales are not packed), mbarriers (gemm_4bit_wgmma.cuh); one
 //    block per tile, or stream-K over one block per SM where the tiles are few (wg_stream_k_pays),
 //    or whole tiles for the full waves and stream-K over the last (wg_dp_stream_k_pays); at batch
@@ -182,11 +183,11 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
     kq[i] = 32 * q;
     dst[i] = tab + ring_offset<HPR>(row, q >> 3, (q & 7) >> 1, q & 1);
   }
-  // W is read once: its copies go into L2 as evict_first (l2_read_policy), in WHOLE mode. With the
-  // zero-fill operand (the other modes' partial rows and stages) ptxas 13.0 emitted the hinted copy in
-  // the loop as LDGSTS [R + UR0], desc[UR1] with UR0 / UR1 never written: an illegal instruction on
-  // the H200 (twenty-second session).
-  const uint64_t w_policy = l2_read_policy(WHOLE && p.w_evict_first != 0);
+  // W is read once: its copies go into L2 as evict_first (l2_read_policy). The other modes' partial
+  // rows and stages take a separate zero-fill copy with no policy: the zero-fill operand and the
+  // cache hint in one instruction made ptxas 13.0 emit the copy in the loop as LDGSTS [R + UR0],
+  // desc[UR1] with UR0 / UR1 never written, an illegal instruction on the H200 (twenty-second session).
+  const uint64_t w_policy = l2_read_policy(p.w_evict_first != 0);
   int s_issue = 0;
   int64_t k_issue = 0;
   auto issue = [&]() {
@@ -194,14 +195,13 @@ __device__ __forceinline__ void skinny_main(const GemmParams& p, uint8_t* smem, 
       const uint32_t si = static_cast<uint32_t>(s_issue & (S - 1));
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        if constexpr (WHOLE) {
+        const bool ok = WHOLE || (rok[i] && k_issue + kq[i] < K);
+        if (ok) {
           asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
                        "l"(src[i]), "l"(w_policy)
                        : "memory");
-        } else {
-          const bool ok = rok[i] && k_issue + kq[i] < K;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[i] + si * kSkinnyRingStride),
-                       "l"(ok ? src[i] : p.packed), "r"(ok ? 16 : 0)
+        } else {  // zeros
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(dst[i] + si * kSkinnyRingStride), "l"(p.packed)
                        : "memory");
         }
       }
@@ -745,7 +745,9 @@ constexpr int64_t kWgFromM = 12;
 // session. H200, 7 interleaved rounds (h200/experiments/ab_paths_12_16_s22_run6.txt), skinny against
 // batch tile 32, ms, fp16 (bf16 alike): 8192x28672 at 12 / 14 / 15 / 16 0.0640 / 0.0655 / 0.0664 /
 // 0.0672 against 0.0673 / 0.0668 / 0.0668 / 0.0671; 4096x14336 0.0248 / 0.0256 / 0.0256 / 0.0260
-// against 0.0262 / 0.0268 / 0.0265 / 0.0263.
+// against 0.0262 / 0.0268 / 0.0265 / 0.0263. Since the twenty-third session the skinny kernel's other
+// modes and the warpgroup kernel (one batch tile) read W evict_first too; neither threshold has been
+// measured again since.
 constexpr int64_t kWgFromMWhole = 16;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
@@ -777,6 +779,18 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   return p;
 }
 
+// The skinny kernel's modes by shape. UNIFORM (kSkinnyUniform): one absmax per (row, 64-wide group),
+// so the lanes share it and up to 16 rows it multiplies the group's float32 sums instead of each pair
+// of codes (and 32-element scale indices fit in 32 bits). WHOLE (kSkinnyWhole): also whole stages and
+// whole blocks of `rows` rows (32 or 16), so no bounds checks in the loop. The dispatch asks for 32 rows.
+inline bool skinny_uniform_shape(int64_t blocksize, int64_t K, int64_t N) {
+  return blocksize >= kSkinnyGroup && K % kSkinnyGroup == 0 && N * K < (int64_t{1} << 37);
+}
+inline bool skinny_whole_shape(int64_t blocksize, int64_t K, int64_t N, int rows) {
+  const int64_t stage_k = rows == 16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
+  return skinny_uniform_shape(blocksize, K, N) && K % stage_k == 0 && N % rows == 0;
+}
+
 template <typename T, int NT, int MODE, int ROWS>
 void launch_skinny_slice(const GemmParams& p, bool v2, cudaStream_t stream) {
   auto* kernel = v2 ? &gemm4_skinny_kernel<T, NT, MODE, ROWS, true> : &gemm4_skinny_kernel<T, NT, MODE, ROWS, false>;
@@ -790,10 +804,7 @@ void launch_skinny_slice(const GemmParams& p, bool v2, cudaStream_t stream) {
 // the dispatch checks the range).
 template <typename T>
 void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream_t stream) {
-  // One absmax per (row, 64-wide group): the lanes share it, and up to 16 rows it multiplies the
-  // group's float32 sums instead of each pair of codes.
-  // (and 32-element scale indices fit in 32 bits)
-  const bool uniform = blocksize >= kSkinnyGroup && p.K % kSkinnyGroup == 0 && p.N * p.K < (int64_t{1} << 37);
+  const bool uniform = skinny_uniform_shape(blocksize, p.K, p.N);
   const char* force = std::getenv("NF4KIT_SKINNY_MODE");  // development aid: "uniform" skips kSkinnyWhole
   // Blocks of 16 rows (512 bytes of each a stage) up to batch 16 where 32-row blocks would fill at
   // most half of the SMs' block slots (3 a SM at batch <= 8, 2 at 9-16): few output features. H100,
@@ -818,10 +829,9 @@ void launch_skinny(const GemmParams& p, int64_t blocksize, bool wide, cudaStream
     q.out = static_cast<uint8_t*>(p.out) + m0 * p.N * static_cast<int64_t>(sizeof(T));
     const int64_t slots = sms * (q.M <= 8 ? 3 : 2);
     const bool rows16 = q.M <= 16 && (rows_forced == 16 || (rows_forced != 32 && 2 * ceil_div(p.N, kSkinnyRows) <= slots));
-    const int rows = rows16 ? 16 : kSkinnyRows, stage_k = rows16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
+    const int rows = rows16 ? 16 : kSkinnyRows;
     const bool v2 = v_env != nullptr && *v_env ? std::strcmp(v_env, "1") != 0 : !rows16;
-    const bool whole = uniform && p.K % stage_k == 0 && p.N % rows == 0 &&
-                       !(force != nullptr && !std::strcmp(force, "uniform"));
+    const bool whole = skinny_whole_shape(blocksize, p.K, p.N, rows) && !(force != nullptr && !std::strcmp(force, "uniform"));
     auto go = [&](auto mode_tag) {
       constexpr int MODE = decltype(mode_tag)::value;
       if (q.M <= 8) {
@@ -934,9 +944,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
     const int64_t wg_n = wg_tiles(a.M, a.N);
     // 12..32 rows (16..32 with whole skinny stages) with many row tiles: the warpgroup kernel at
     // batch tile 32 (kWgFromM, kWgFromMWhole)
-    const bool skinny_whole = a.blocksize >= kSkinnyGroup && a.K % kSkinnyStageK == 0 && a.N % kSkinnyRows == 0 &&
-                              a.N * a.K < (int64_t{1} << 37);
-    const bool wg_early = wg_ok && a.M >= (skinny_whole ? kWgFromMWhole : kWgFromM) && wg_n * 2 >= sms;
+    const bool wg_early = wg_ok && a.M >= (skinny_whole_shape(a.blocksize, a.K, a.N, kSkinnyRows) ? kWgFromMWhole : kWgFromM) &&
+                          wg_n * 2 >= sms;
     if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))

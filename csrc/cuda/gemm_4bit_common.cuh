@@ -34,8 +34,9 @@ struct GemmParams {
   // product that the float32 reference does not have and that no per-weight rounding averages out
   // when the scale multiplies a whole group's sum. 1 for NF4.
   float code_mul;
-  // 1: the skinny kernel reads packed W once, so its lines go into L2 as evict_first
-  // (l2_read_policy). 0: the default policy (NF4KIT_L2_EVICT_FIRST=0, a development aid).
+  // 1: the skinny kernel (and the warpgroup kernel with one batch tile) reads packed W once, so its
+  // lines go into L2 as evict_first (l2_read_policy). 0: the default policy (NF4KIT_L2_EVICT_FIRST=0,
+  // a development aid).
   int w_evict_first;
 };
 

@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
   // activations with the 128-byte swizzle the descriptor expects. A slot is refilled once all warps
   // released its previous tile (empty[slot]); no block-wide barrier in the loop.
   uint32_t empty_phases = 0;  // producer: bit s = parity of empty[s]'s next completion
+  // with one batch tile, each W tile is read by one block only: evict_first in L2 (l2_read_policy)
+  const uint64_t w_policy = l2_read_policy(p.w_evict_first != 0 && m_tiles == 1);
   Cur pc = cur_at();
   int p_kt = kt0;
   auto produce = [&](int j, int slot) {
@@ -282,7 +284,7 @@ __global__ void __launch_bounds__(kWgThreads<BN, PW>, wg_min_blocks(BN, PW, SK, 
       }
       wg::mbar_expect_tx(full_bar(slot), C::kAStage + C::kWStage);
       wg::tma_load_2d(a_base + slot * C::kAStage, &a_map, p_kt * C::kBK, m0_of(pc.w), full_bar(slot));
-      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pc.w), full_bar(slot));
+      wg::tma_load_2d(w_base + slot * C::kWStage, &w_map, p_kt * (C::kBK / 2), n0_of(pc.w), full_bar(slot), w_policy);
       if (++p_kt == KT && SK) p_kt = next_tile(pc);
     }
   };

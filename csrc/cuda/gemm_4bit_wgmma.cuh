@@ -67,6 +67,13 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int 
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+// The same with an L2 cache policy (l2_read_policy).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(bar), "l"(pol)
+      : "memory");
+}
 
 // Matrix descriptor of a K-major tile with 128-byte rows, 128-byte swizzle (16-byte chunk c of row r
 // at r * 128 + ((c ^ (r % 8)) << 4), the tile 1024-byte aligned), 8-row groups 1024 bytes apart.
