@@ -110,13 +110,14 @@ def weight_bytes_nf4(N: int, K: int, blocksize: int = 64) -> int:
     return (N * K + 1) // 2 + nblocks + 4 * (-(-nblocks // 256)) + 4 * 256
 
 
-def quantize(W):
-    """NF4, blocksize 64, nested; on the GPU when nf4kit's quantize kernels are built, else on the CPU."""
+def quantize(W, blocksize: int = 64):
+    """NF4, nested, blocksize 64 (the benchmark's; the probes may ask for others); on the GPU when
+    nf4kit's quantize kernels are built, else on the CPU."""
     import nf4kit.functional as F
     try:
-        return F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+        return F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     except (RuntimeError, NotImplementedError):
-        Bq, qs = F.quantize_4bit(W.cpu(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        Bq, qs = F.quantize_4bit(W.cpu(), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         return Bq.to(W.device), qs.to(W.device)
 
 

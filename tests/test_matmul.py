@@ -361,14 +361,19 @@ def test_cuda_wg_l2_evict_first(dtype, path, monkeypatch):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 def test_cuda_dispatch_skinny_to_warpgroup():
-    """The automatic dispatch at 12..16 rows with many row tiles (at least half a warpgroup block an
-    SM): the skinny kernel up to 15 rows where it runs whole stages and row tiles (blocksize >= 64,
-    K % 512 == 0, N % 32 == 0: kWgFromMWhole), the warpgroup kernel from 12 rows otherwise
-    (kWgFromM) and from 16 in both; each case bit for bit the forced kernel's result."""
+    """The automatic dispatch at 8..17 rows with many row tiles (at least half a warpgroup block an
+    SM), on both sides of each threshold (wg_from_m): where the warpgroup kernel's scales are packed
+    (blocksize 64, K % 256 == 0), the skinny kernel up to 15 rows with whole skinny stages and row
+    tiles (K % 512 == 0, N % 32 == 0: kWgFromMWhole) and up to 8 without them (kWgFromM); with
+    unpacked scales (other blocksizes, K % 256 != 0) up to 16 (kWgFromMUnpacked). Each case bit for
+    bit the forced kernel's result."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N = 128 * ((sms + 1) // 2)  # wg tiles at batch tile 32: ceil(N / 128) * 2 >= sms
-    for i, (M, K, bs, want) in enumerate([(12, 1024, 64, "skinny"), (15, 1536, 128, "skinny"), (16, 1024, 64, "wg"),
-                                          (12, 1024, 32, "wg"), (13, 1056, 64, "wg")]):
+    for i, (M, K, bs, want) in enumerate([(15, 1024, 64, "skinny"), (16, 1024, 64, "wg"),  # packed, whole
+                                          (8, 1280, 64, "skinny"), (9, 1280, 64, "wg"),  # packed, K % 512 != 0
+                                          (16, 1536, 128, "skinny"), (17, 1536, 128, "wg"),  # unpacked: blocksize
+                                          (16, 1024, 32, "skinny"), (17, 1024, 32, "wg"),
+                                          (16, 1056, 64, "skinny"), (17, 1056, 64, "wg")]):  # unpacked: K
         B, qs = quantized(N, K, bs, "nf4", True, "cuda", seed=400 + i)
         A = activations((M, K), torch.float16, "cuda", seed=450 + i)
         with gemm_path(None):

@@ -2,7 +2,7 @@
 card's drift (power and clocks move cuBLAS and every kernel by up to ~10% between back-to-back
 timings of the same call). LAYER=KxN (8192x28672), MS=256,512,1024, PATHS=wg,wgdp (NF4KIT_GEMM_PATH
 values; "auto" = the dispatch's own choice; "PATH:VAR=VALUE[:VAR=VALUE...]" also sets development variables, e.g.
-wg:NF4KIT_WG_STAGES=8), ROUNDS=7, DTYPE=float16. Each round times cuBLAS and
+wg:NF4KIT_WG_STAGES=8), ROUNDS=7, DTYPE=float16, BLOCKSIZE=64 (NF4, nested). Each round times cuBLAS and
 every path once (median of a short L2-flushed run), in an order rotated every round; the report is
 the median over rounds per candidate and its ratio to cuBLAS."""
 import os
@@ -26,7 +26,7 @@ def main():
     rounds = env_int("ROUNDS", 7)
     g = torch.Generator(device="cuda").manual_seed(K + N)
     W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) * 0.02
-    Bq, qs = quantize(W)
+    Bq, qs = quantize(W, env_int("BLOCKSIZE", 64))
     print(f"# ab_paths {K}x{N} {dtype} on {torch.cuda.get_device_name()}: median over {rounds} interleaved rounds, ms")
     with torch.inference_mode():
         for M in Ms:

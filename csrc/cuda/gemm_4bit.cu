@@ -3,7 +3,7 @@
 //
 // Four kernels and one fallback, chosen by shape in gemm_4bit_cuda (the dispatch, with the
 // measurements behind it, is at kSkinnyAutoMaxM):
-//  * skinny (M <= 32, or 11 (15 with whole stages) with many row tiles: kWgFromM; 33..64 in one wide pass on short K with few row tiles;
+//  * skinny (M <= 32; with many row tiles up to 8, 15 or 16 rows by shape: wg_from_m; 33..64 in one wide pass on short K with few row tiles;
 //    fp16/bf16, K % 32 == 0; forced: any M, in slices of 32 or that wide pass): streams W once. A
 //    block owns 32 rows of W (16 where 32 would leave most SMs idle) and its 8 warps take turns over
 //    K; packed W reaches shared memory by
@@ -11,7 +11,7 @@
 //    mma.sync A operand decoded through a per-lane byte -> pair table, the batch is the n side, and
 //    with blocksize >= 64 the absmax scales each 64-wide group's float32 sums instead of every weight.
 //    With 32-row blocks the prologue's loads are issued before the pair table is built (V2).
-//  * warpgroup kernel (sm_90a, 32 < M <= 512, 11 < M with many row tiles, up to 2048 for K >= 8192;
+//  * warpgroup kernel (sm_90a, 32 < M <= 512, from 9, 16 or 17 rows with many row tiles, up to 2048 for K >= 8192;
 //    batch tiles 32, 64, 128, 256: wg_tile_n): wgmma with W decoded
 //    straight into the A registers, activations and packed W by TMA (W evict_first in L2 with one batch
 //    tile; issued by a producer: a warp, a
@@ -702,9 +702,9 @@ PathChoice path_override() {
 //   M <= 32      skinny: 8192x28672 at M=1/8/16/32: 0.054/0.060/0.077/0.103 ms vs cuBLAS fp16
 //                ~0.127 ms (2.3x/2.1x/1.7x/1.2x); the warpgroup kernel takes ~0.10 ms at 16 and 32.
 //                Since the seventeenth session 17..32 (since the nineteenth 12..32; since the
-//                twenty-second 16..32 where the skinny kernel runs whole stages) go to the
-//                warpgroup kernel at batch tile 32 where it has at least half a block per SM
-//                (kWgFromM, kWgFromMWhole).
+//                twenty-second 16..32 where the skinny kernel runs whole stages; since the
+//                twenty-fourth 9..32, 16..32 or 17..32 by shape: wg_from_m) go to the
+//                warpgroup kernel at batch tile 32 where it has at least half a block per SM.
 //   33..512      warpgroup kernel (sm_90), when it has at least half a block per SM: 8192x28672 at
 //                M=64/128/256/512: 0.103/0.155/0.219/0.436 ms vs 0.280/0.291/0.348/0.502 ms for
 //                dequantize + cuBLAS (the mma.sync tensor-core kernel: 0.214 ms at 64, 0.41 at 128).
@@ -739,16 +739,31 @@ constexpr int64_t kSkinnyAutoMaxM = 32;
 // / 0.0716 against 0.0673 / 0.0670 / 0.0671; 4096x14336 (SOLO) at 12 / 16 0.0259 / 0.0276 against
 // 0.0266 / 0.0266 (eighteenth session, ab_paths_9_16_mr112_run1.log: at 9 0.0249 against 0.0265).
 // One threshold for both: 12 gains 4-7% on the first at 12..16 and costs the second ~3% at 12..13.
-constexpr int64_t kWgFromM = 12;
+// Since the twenty-fourth session: 9, for shapes with packed warpgroup scales and without whole
+// skinny stages (below).
+constexpr int64_t kWgFromM = 9;
 // ... and from 16 where the skinny kernel runs whole stages and row tiles (kSkinnyWhole: blocksize
 // >= 64, K % 512 == 0, N % 32 == 0), whose copies are evict_first in L2 since the twenty-second
 // session. H200, 7 interleaved rounds (h200/experiments/ab_paths_12_16_s22_run6.txt), skinny against
 // batch tile 32, ms, fp16 (bf16 alike): 8192x28672 at 12 / 14 / 15 / 16 0.0640 / 0.0655 / 0.0664 /
 // 0.0672 against 0.0673 / 0.0668 / 0.0668 / 0.0671; 4096x14336 0.0248 / 0.0256 / 0.0256 / 0.0260
-// against 0.0262 / 0.0268 / 0.0265 / 0.0263. Since the twenty-third session the skinny kernel's other
-// modes and the warpgroup kernel (one batch tile) read W evict_first too; neither threshold has been
-// measured again since.
-constexpr int64_t kWgFromMWhole = 16;
+// against 0.0262 / 0.0268 / 0.0265 / 0.0263.
+// Twenty-fourth session, after both kernels' reads of W became evict_first in every mode (H200, 5-7
+// interleaved rounds, h200/experiments/ab_paths_thresholds_s24_run{1,2,3}.txt, skinny against batch
+// tile 32, fp16, ms), three cases by what the warpgroup kernel runs with (wg_from_m):
+//  * whole skinny stages, packed warpgroup scales (wg_packed_scales_shape): from 16 still. 8192x28672
+//    at 12 / 14 / 15 / 16 0.0642 / 0.0665 / 0.0671 / 0.0674 against 0.0680 / 0.0685 / 0.0684 / 0.0679;
+//    4096x14336 0.0253 / 0.0255 / 0.0257 / 0.0258 against 0.0245 / 0.0250 / 0.0245 / 0.0249.
+//  * packed scales without whole skinny stages: from 9 (was 12), where the skinny kernel takes a second
+//    n8 tile. 8192x28656 at 8 / 9 / 10 / 11 0.0599 / 0.0721 / 0.0731 / 0.0742 against 0.0678 / 0.0685 /
+//    0.0680 / 0.0681 (bf16 at 9 0.0720 against 0.0686); 4096x14328 at 9 / 10 / 11 0.0262 / 0.0271 /
+//    0.0267 against 0.0247 / 0.0252 / 0.0252; 14336x14328 level (at 9 0.0671 against 0.0668).
+//  * no packed scales (blocksize != 64, or K % 256 != 0; thread 0 produces): from 17 (was 12), where
+//    the skinny kernel takes a third n8 tile. 8000x28672 at 12 / 16 / 20 0.0786 / 0.0810 / 0.0926
+//    against 0.0828 / 0.0825 / 0.0830; blocksize 128 8192x28672 at 12 / 16 / 20 0.0633 / 0.0662 /
+//    0.0854 against 0.0823 / 0.0826 / 0.0828; blocksize 32 8192x28672 at 12 / 16 / 20 0.0951 / 0.0987 /
+//    0.1253 against 0.1116 / 0.1118 / 0.1116.
+constexpr int64_t kWgFromMWhole = 16, kWgFromMUnpacked = 17;
 constexpr int64_t kWgMaxM = 512, kWgMaxLongKM = 2048, kWgLongK = 8192;
 constexpr int64_t kTcMaxM = 64;
 
@@ -789,6 +804,13 @@ inline bool skinny_uniform_shape(int64_t blocksize, int64_t K, int64_t N) {
 inline bool skinny_whole_shape(int64_t blocksize, int64_t K, int64_t N, int rows) {
   const int64_t stage_k = rows == 16 ? kSkinnyStageKOf<16> : kSkinnyStageK;
   return skinny_uniform_shape(blocksize, K, N) && K % stage_k == 0 && N % rows == 0;
+}
+
+// The first batch from which the warpgroup kernel at batch tile 32 takes over from the skinny kernel
+// where it has many row tiles (kWgFromM, kWgFromMWhole, kWgFromMUnpacked).
+inline int64_t wg_from_m(int64_t blocksize, int64_t K, int64_t N) {
+  if (!wg_packed_scales_shape(blocksize, K)) return kWgFromMUnpacked;
+  return skinny_whole_shape(blocksize, K, N, kSkinnyRows) ? kWgFromMWhole : kWgFromM;
 }
 
 template <typename T, int NT, int MODE, int ROWS>
@@ -942,10 +964,9 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                       : wg_ok && a.K < kWgLongK && wg_tiles(a.M, a.N) * 2 < sms);
   if (path == Path::Auto) {
     const int64_t wg_n = wg_tiles(a.M, a.N);
-    // 12..32 rows (16..32 with whole skinny stages) with many row tiles: the warpgroup kernel at
-    // batch tile 32 (kWgFromM, kWgFromMWhole)
-    const bool wg_early = wg_ok && a.M >= (skinny_whole_shape(a.blocksize, a.K, a.N, kSkinnyRows) ? kWgFromMWhole : kWgFromM) &&
-                          wg_n * 2 >= sms;
+    // from 9, 16 or 17 rows by shape (wg_from_m) to 32 with many row tiles: the warpgroup kernel at
+    // batch tile 32
+    const bool wg_early = wg_ok && a.M >= wg_from_m(a.blocksize, a.K, a.N) && wg_n * 2 >= sms;
     if (mma_ok && ((a.M <= kSkinnyAutoMaxM && !wg_early) || wide)) path = Path::Skinny;
     else if (wg_ok && (a.M <= kWgMaxM || (a.M <= kWgMaxLongKM && a.K >= kWgLongK)) &&
              (wg_n * 2 >= sms || wg_stream_k_pays(wg_n, ceil_div(a.K, 64), wg_tile_n(a.M), sms)))

@@ -667,6 +667,11 @@ inline bool wg_dp_stream_k_pays(int64_t tiles, int64_t KT, int64_t bn, int64_t s
   return KT % 4 == 0 && bn >= 128 && KT >= 128 && tiles > sms && (bn == 256 || tiles < 4 * sms) && tiles % sms != 0;
 }
 
+// Shapes whose scales the warpgroup kernel loads packed (scale mode 2 in launch_wg, with its producer
+// warp at every batch tile): blocksize 64 and whole groups of 4 k tiles. Without them it is slower at
+// small batches, which the dispatch's wg_from_m reads.
+inline bool wg_packed_scales_shape(int64_t blocksize, int64_t K) { return blocksize == 64 && K % 256 == 0; }
+
 // One block per tile, stream-K (wg_stream_k_pays) or DP + SK (wg_dp_stream_k_pays); split_mode:
 // -1 chooses, 0 one block per tile, 1 stream-K, 2 DP + SK (the dev switch NF4KIT_GEMM_PATH = wg, wgsk,
 // wgdp forces them on any shape they can take: K % 256 == 0 for the split ones; tiny shares, many
@@ -728,7 +733,7 @@ void launch_wg(const GemmParams& p, bool uniform, int split_mode, cudaStream_t s
     NF4KIT_LAUNCH_CHECK();
   };
   const char* sc_env = std::getenv("NF4KIT_WG_SCALES");
-  const bool pack = uniform && p.bs_shift == 6 && KT % 4 == 0 &&
+  const bool pack = wg_packed_scales_shape(int64_t{1} << p.bs_shift, p.K) &&
                     (nested ? reinterpret_cast<uintptr_t>(p.absmax.absmax_u8) % 4 == 0
                             : reinterpret_cast<uintptr_t>(p.absmax.absmax_f32) % 16 == 0) &&
                     !(sc_env != nullptr && !std::strcmp(sc_env, "step"));
