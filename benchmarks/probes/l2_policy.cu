@@ -15,34 +15,6 @@
 #include <functional>
 #include "read_common.cuh"
 
-template <bool EF>
-__device__ __forceinline__ uint4 ld16(const uint4* p, uint64_t pol) {
-  uint4 v;
-  if (EF)
-    asm volatile("ld.global.nc.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(pol));
-  else
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-template <bool EF>
-__global__ void __launch_bounds__(256) seq(const uint4* __restrict__ w, int64_t n16, unsigned* sink) {
-  const uint64_t pol = evict_first_policy();
-  unsigned acc = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
-  int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  for (; i + 3 * stride < n16; i += 4 * stride) {
-    uint4 v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = ld16<EF>(w + i + u * stride, pol);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].w ^ (v[u].y + v[u].z);
-  }
-  for (; i < n16; i += stride) { const uint4 a = ld16<EF>(w + i, pol); acc ^= a.x ^ a.w; }
-  if (acc == 0x12345678u) *sink = acc;
-}
-
 int main() {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -62,8 +34,8 @@ int main() {
   const auto n16 = kBytes / 16;
   auto* w16 = reinterpret_cast<const uint4*>(w);
   std::vector<std::pair<const char*, std::function<void()>>> ks = {
-      {"seq LDG.128 x4, 2 blocks/SM, plain", [&] { seq<false><<<sms * 2, 256>>>(w16, n16, sink); }},
-      {"seq LDG.128 x4, 2 blocks/SM, evict_first", [&] { seq<true><<<sms * 2, 256>>>(w16, n16, sink); }},
+      {"seq LDG.128 x4, 2 blocks/SM, plain", [&] { seq_policy<false><<<sms * 2, 256>>>(w16, n16, sink); }},
+      {"seq LDG.128 x4, 2 blocks/SM, evict_first", [&] { seq_policy<true><<<sms * 2, 256>>>(w16, n16, sink); }},
       {"ring 32 rows x 256 B, 4 st, plain", [&] { ring_plain<<<kN / 32, 256, smem>>>(w, 0, sink); }},
       {"ring 32 rows x 256 B, 4 st, evict_first", [&] { ring_ef<<<kN / 32, 256, smem>>>(w, 0, sink); }},
   };

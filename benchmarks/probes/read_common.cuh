@@ -1,4 +1,4 @@
-// Shared by the read probes (read_pattern.cu, read_bulk.cu, l2_bulk.cu, l2_policy.cu): the CUDA error check and the plain
+// Shared by the read probes (read_pattern.cu, read_bulk.cu, l2_bulk.cu, l2_policy.cu, read_sizes.cu): the CUDA error check and the plain
 // sequential read (a grid-stride LDG.128 loop with U loads in flight a thread), the baseline both compare with.
 #pragma once
 #include <cuda_runtime.h>
@@ -103,6 +103,36 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t pol;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
   return pol;
+}
+
+// The sequential read with 4 loads in flight a thread by ld.global.nc, plain or (EF) with an
+// evict_first L2 policy (l2_policy.cu, read_sizes.cu).
+template <bool EF>
+__device__ __forceinline__ uint4 ld16(const uint4* p, uint64_t pol) {
+  uint4 v;
+  if (EF)
+    asm volatile("ld.global.nc.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(pol));
+  else
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <bool EF>
+__global__ void __launch_bounds__(256) seq_policy(const uint4* __restrict__ w, int64_t n16, unsigned* sink) {
+  const uint64_t pol = evict_first_policy();
+  unsigned acc = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = ld16<EF>(w + i + u * stride, pol);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].w ^ (v[u].y + v[u].z);
+  }
+  for (; i < n16; i += stride) { const uint4 a = ld16<EF>(w + i, pol); acc ^= a.x ^ a.w; }
+  if (acc == 0x12345678u) *sink = acc;
 }
 
 // The skinny kernel's copy pattern with no decode: a block owns ROWS rows of the weight and walks K
