@@ -559,6 +559,19 @@ def dequantize_blockwise(
 # 4-bit matmul
 # ----------------------------------------------------------------------------------------------
 
+# gemm_4bit's autograd formula is registered in Python (torch.library.register_autograd, _ops.py), so
+# every call that reaches the Autograd dispatch key runs it, also under torch.no_grad() (transformers'
+# generate) where it only redispatches below autograd: a trip from C++ into Python and back, ~25 us a
+# call on CI's CPU (the bare op: ~20 us). Where no gradient can be wanted, matmul_4bit goes below
+# autograd itself, as that formula would. Under torch.compile the op is left to the tracer as it is.
+_BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _wants_grad(A: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return (_BelowAutograd is None or torch.compiler.is_compiling() or
+            (torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))))
+
+
 def _check_matmul(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, bias: Optional[torch.Tensor]):
     _check_tensor(A, "A")
     if A.dtype not in FLOAT_DTYPES:
@@ -599,8 +612,12 @@ def matmul_4bit(
     absmax, nested_absmax, nested_code, offset, bs, nbs, qt = quant_state._decode_args()
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    result = ops.gemm_4bit(A, _as_bytes(B), absmax, nested_absmax, nested_code, offset, bs, nbs, qt,
-                           quant_state.shape[0], bias)
+    args = (A, _as_bytes(B), absmax, nested_absmax, nested_code, offset, bs, nbs, qt, quant_state.shape[0], bias)
+    if _wants_grad(A, bias):
+        result = ops.gemm_4bit(*args)
+    else:
+        with _BelowAutograd():
+            result = ops.gemm_4bit(*args)
     if out is not None:
         return out.copy_(result)
     return result

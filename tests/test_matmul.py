@@ -10,7 +10,7 @@ generic, dequantize + cuBLAS) is forced on odd shapes through NF4KIT_GEMM_PATH.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -538,6 +538,49 @@ def test_autograd_gradcheck_style(device):
     with torch.no_grad():
         fd = ((f(A + eps * v) - f(A - eps * v)) * u).sum() / (2 * eps)  # exact: f is linear
     assert abs(float((g * v).sum()) - float(fd)) <= 1e-3 * abs(float(fd)) + 1e-3
+
+
+def test_autograd_skipped_without_grad(device, monkeypatch):
+    """Where no gradient can be wanted (torch.no_grad, or no input that requires grad: a frozen
+    Linear4bit's bias included), matmul_4bit goes below the Autograd key itself instead of through
+    the Python autograd formula (a host-time saving); where one can, it goes through it. Both give
+    the op's result bit for bit, and a no-grad result is a plain tensor that later autograd can use."""
+    entered = []
+    real = F._BelowAutograd
+
+    class Counting:
+        def __enter__(self):
+            entered.append(1)
+            self.guard = real()
+            return self.guard.__enter__()
+
+        def __exit__(self, *exc):
+            return self.guard.__exit__(*exc)
+
+    monkeypatch.setattr(F, "_BelowAutograd", Counting)
+    N, K = 24, 128
+    B, qs = quantized(N, K, 64, "nf4", True, device, torch.float16)
+    A = activations((3, K), torch.float16, device)
+    bias = activations((N,), torch.float16, device)
+    want = ops.gemm_4bit(A, B.reshape(-1), *qs._decode_args(), N, bias)
+    frozen = bias.clone().requires_grad_(False)
+    trainable = bias.clone().requires_grad_()
+    cases = [("no_grad", torch.no_grad, A, trainable, True), ("inference_mode", torch.inference_mode, A, bias, True),
+             ("nothing requires grad", nullcontext, A, frozen, True),
+             ("bias requires grad", nullcontext, A, trainable, False),
+             ("A requires grad", nullcontext, A.clone().requires_grad_(), frozen, False)]
+    for name, mode, a, b, skipped in cases:
+        entered.clear()
+        with mode():
+            out = F.matmul_4bit(a, B.t(), qs, bias=b)
+        assert bool(entered) == skipped, name
+        assert torch.equal(out, want), name
+        assert (out.grad_fn is None) == skipped, name
+    with torch.no_grad():
+        out = F.matmul_4bit(A, B.t(), qs)
+    x = torch.ones_like(out, requires_grad=True)
+    (x * out).sum().backward()  # the no-grad output is a normal tensor
+    assert torch.equal(x.grad, out)
 
 
 def _op_args(device, nested, with_bias):

@@ -1,12 +1,14 @@
 """Probe (device): host time against GPU time of one 4-bit matmul call. For each LAYER in LAYERS
 (4096x4096,8192x28672), batch in MS (1,128) and path in PATHS (auto,dequant,wg; NF4KIT_GEMM_PATH
-values, "PATH:VAR=VALUE" as in ab_paths.py), and for fp16 cuBLAS (F.linear):
+values, "PATH:VAR=VALUE" as in ab_paths.py), and for cuBLAS (F.linear) in the same dtype:
   host   microseconds of CPU per call: 200 calls queued behind a long GPU sleep, so that the CPU never
          waits for the GPU (what a Python loop of layers pays per call without CUDA graphs);
   graph  the call captured in a CUDA graph, replayed (median ms, L2 flushed): GPU time alone;
   call   bench_matmul.bench of the plain call (median ms, L2 flushed), the table's number.
 With PROFILE=1, last, the CPU ops with the most self time in 50 calls of the first path at the first
-layer and batch."""
+layer and batch. DTYPE=float16 (or bfloat16); GRAD=inference (torch.inference_mode, the default), no_grad
+(torch.no_grad, as transformers' generate) or on (autograd on; no input requires grad)."""
+import contextlib
 import os
 import sys
 import time
@@ -49,11 +51,14 @@ def main():
     layers = env_list("LAYERS", "4096x4096,8192x28672")
     Ms = env_ints("MS", "1,128")
     paths = env_list("PATHS", "auto,dequant,wg")
-    dtype = torch.float16
-    print(f"# host_time fp16 on {torch.cuda.get_device_name()}, torch {torch.__version__}: host us per call | "
+    dtype = getattr(torch, os.environ.get("DTYPE", "float16"))
+    print(f"# host_time {dtype} on {torch.cuda.get_device_name()}, torch {torch.__version__}: host us per call | "
           "graph replay ms | plain call ms (both medians, L2 flushed)")
     first = None
-    with torch.inference_mode():
+    grad = os.environ.get("GRAD", "inference")
+    mode = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "on": contextlib.nullcontext}[grad]
+    print(f"# grad mode: {grad}")
+    with mode():
         for layer in layers:
             K, N = (int(v) for v in layer.split("x"))
             g = torch.Generator(device="cuda").manual_seed(K + N)
