@@ -43,12 +43,19 @@ def written_uniform(ins: list) -> set:
     return out
 
 
-def main(path: str) -> int:
+def kernels(path: str):
+    """Each kernel of a compiled object: (mangled name, [(address, instruction text), ...])."""
     sass = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    bad = total = 0
     for blk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = blk.split("\n", 1)[0].strip()
-        ins = [re.sub(r"\s+", " ", t).strip() for t in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", blk)]
+        yield name, [(int(a, 16), re.sub(r"\s+", " ", t).strip())
+                     for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", blk)]
+
+
+def main(path: str) -> int:
+    bad = total = 0
+    for name, listing in kernels(path):
+        ins = [t for _, t in listing]
         written = written_uniform(ins)
         for t in ins:
             if "LDGSTS" not in t:

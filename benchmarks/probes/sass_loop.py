@@ -8,11 +8,10 @@ batch-1 kernel's per-byte rate rests on (twenty-fourth session, matmul.md):
 import collections
 import os
 import re
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ldgsts_check import cuobjdump  # noqa: E402
+from ldgsts_check import kernels  # noqa: E402
 
 
 def main_loop(ins: list) -> tuple:
@@ -31,12 +30,9 @@ def main_loop(ins: list) -> tuple:
 
 
 def main(path: str, flt: str) -> None:
-    sass = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    for blk in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = blk.split("\n", 1)[0].strip()
+    for name, ins in kernels(path):
         if flt not in name:
             continue
-        ins = [(int(a, 16), re.sub(r"\s+", " ", t).strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", blk)]
         lo, hi, body = main_loop(ins)
         ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+ ", "", x).split(" ")[0].split(".")[0] for x in body)
         print(f"{name[-90:]}: {len(ins)} instructions, main loop {len(body)}"
