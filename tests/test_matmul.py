@@ -632,6 +632,52 @@ def test_bad_inputs(device):
         ops.gemm_4bit(*args[:-2], 21, None)
 
 
+def test_state_checks_kept_until_a_field_changes(device, monkeypatch):
+    """matmul_4bit checks a QuantState's own fields once and keeps its op arguments on it (a decode
+    loop's host time), for as long as every field is the same object: replacing one (a bad absmax, a
+    new shape, .to()) checks again and raises where the new value is wrong. The per-call checks (A, B
+    against the state) still run every call."""
+    checks = []
+    real = F._check_state_fields
+    monkeypatch.setattr(F, "_check_state_fields", lambda *a, **k: (checks.append(1), real(*a, **k))[1])
+    N, K = 24, 128
+    B, qs = quantized(N, K, 64, "nf4", True, device)
+    A = activations((3, K), torch.float16, device)
+    want = F.matmul_4bit(A, B.t(), qs)
+    for _ in range(3):
+        assert torch.equal(F.matmul_4bit(A, B.t(), qs), want)
+    assert len(checks) == 1
+    with pytest.raises(ValueError, match="in_features=128"):  # per call, with the state kept
+        F.matmul_4bit(activations((3, K - 1), torch.float16, device), B.t(), qs)
+    with pytest.raises(ValueError, match="bytes"):
+        F.matmul_4bit(A, B.t()[:, :-1], qs)
+    good = qs.absmax
+    qs.absmax = good[:-1]  # a replaced field: checked again
+    with pytest.raises(ValueError, match="quant_state.absmax has"):
+        F.matmul_4bit(A, B.t(), qs)
+    qs.absmax = good
+    nested = qs.state2.absmax
+    qs.state2.absmax = nested.half()  # the nested state's fields count too
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="nested_absmax"):  # the op's own check
+        F.matmul_4bit(A, B.t(), qs)
+    qs.state2.absmax = nested
+    assert torch.equal(F.matmul_4bit(A, B.t(), qs), want)
+    shape = qs.shape
+    qs.shape = torch.Size((N // 2, 2 * K))
+    with pytest.raises(ValueError, match="in_features=256"):
+        F.matmul_4bit(A, B.t(), qs)
+    qs.shape = shape
+    checks.clear()
+    qs.absmax = qs.absmax.clone()  # a new object with the same values: one check more
+    for _ in range(2):
+        assert torch.equal(F.matmul_4bit(A, B.t(), qs), want)
+    assert len(checks) == 1
+    # the kept arguments are the state's own tensors (the offset too): their contents are read each call
+    qs.state2.absmax.mul_(0)
+    qs.offset.mul_(0)
+    assert torch.equal(F.matmul_4bit(A, B.t(), qs), torch.zeros_like(want))
+
+
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes (the format's origin) gives the same products
 # ---------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 
 
-def host_us(fn, calls=200):
+def host_us(fn, calls=200, sleep_cycles=2_000_000_000):
     fn()
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU spin: the queue never drains while the CPU runs
+    torch.cuda._sleep(sleep_cycles)  # ~1 s of GPU spin: the queue never drains while the CPU runs
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
