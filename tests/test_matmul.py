@@ -9,7 +9,9 @@ generic, dequantize + cuBLAS) is forced on odd shapes through NF4KIT_GEMM_PATH.
 """
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import pytest
@@ -676,6 +678,17 @@ def test_state_checks_kept_until_a_field_changes(device, monkeypatch):
     qs.state2.absmax.mul_(0)
     qs.offset.mul_(0)
     assert torch.equal(F.matmul_4bit(A, B.t(), qs), torch.zeros_like(want))
+
+
+def test_state_kept_args_let_go_by_to(device):
+    """What matmul_4bit keeps on a QuantState holds its tensors; .to() drops it, so that moving a
+    state away (offloading a layer) frees the old tensors as it did before anything was kept."""
+    B, qs = quantized(24, 128, 64, "nf4", True, device)
+    F.matmul_4bit(activations((1, 128), torch.float16, device), B.t(), qs)
+    old = [weakref.ref(t) for t in (qs.absmax, qs.state2.absmax, qs.offset)]
+    qs.to("meta")
+    gc.collect()
+    assert [r() for r in old] == [None, None, None]
 
 
 # ---------------------------------------------------------------------------------------------
