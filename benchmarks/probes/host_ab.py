@@ -8,7 +8,6 @@ round queued behind a GPU sleep (host_time.host_us): median and min microseconds
 import contextlib
 import importlib.util
 import os
-import statistics
 import sys
 
 import torch
@@ -16,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_matmul import env_int, env_list, quantize  # noqa: E402
-from host_time import host_us  # noqa: E402
+from host_time import interleaved  # noqa: E402
 
 import nf4kit.functional as F  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -48,17 +47,7 @@ def main():
     cands = {"cublas": lambda: TF.linear(A, W), "old": lambda: old.matmul_4bit(A, Bq.t(), qs_old),
              "new": lambda: F.matmul_4bit(A, Bq.t(), qs_new)}
     assert torch.equal(cands["old"](), cands["new"]()), "old and new differ"
-    for grad in env_list("GRADS", "no_grad,inference"):
-        times = {k: [] for k in cands}
-        with modes[grad]():
-            for r in range(rounds):
-                names = list(cands)[r % 3:] + list(cands)[:r % 3]
-                for k in names:
-                    # ~50 ms of GPU sleep covers 300 calls of up to 60 us
-                    times[k].append(host_us(cands[k], calls, sleep_cycles=100_000_000))
-        print(f"{grad:9s} " + " | ".join(f"{k} {statistics.median(v):5.1f} ({min(v):5.1f})" for k, v in times.items()),
-              flush=True)
-
+    interleaved(cands, [(g, modes[g]) for g in env_list("GRADS", "no_grad,inference")], rounds, calls)
 
 if __name__ == "__main__":
     main()

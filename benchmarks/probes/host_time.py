@@ -10,6 +10,7 @@ layer and batch. DTYPE=float16 (or bfloat16); GRAD=inference (torch.inference_mo
 (torch.no_grad, as transformers' generate) or on (autograd on; no input requires grad)."""
 import contextlib
 import os
+import statistics
 import sys
 import time
 
@@ -32,6 +33,21 @@ def host_us(fn, calls=200, sleep_cycles=2_000_000_000):
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
+
+
+def interleaved(cands: dict, modes, rounds: int, calls: int, sleep_cycles: int = 100_000_000) -> None:
+    """For each (name, context manager) in modes, rounds of host_us over the candidates (name -> call)
+    in an order rotated every round, so that the host's drift falls on all alike; prints the median
+    (min) microseconds per call. The default ~50 ms of GPU sleep covers 300 calls of up to 60 us."""
+    for grad, mode in modes:
+        times = {k: [] for k in cands}
+        with mode():
+            for r in range(rounds):
+                names = list(cands)
+                for k in names[r % len(names):] + names[:r % len(names)]:
+                    times[k].append(host_us(cands[k], calls, sleep_cycles))
+        print(f"{grad:9s} " + " | ".join(f"{k} {statistics.median(v):.1f} ({min(v):.1f})" for k, v in times.items()),
+              flush=True)
 
 
 def graph_ms(fn):

@@ -92,8 +92,10 @@ class Linear4bit(nn.Linear):
             _warn_once(
                 f"Linear4bit gets {x.dtype} input but computes in float32 (compute_dtype / bnb_4bit_compute_dtype), "
                 f"which is needlessly slow: set compute_dtype={x.dtype} for speed")
-        out = F.matmul_4bit(x.to(compute_dtype), w, quant_state=w.quant_state, bias=self.bias)
-        return out.to(x.dtype)
+        # (the casts only where the dtypes differ: a no-op .to() still costs a dispatch on the host)
+        out = F.matmul_4bit(x if x.dtype == compute_dtype else x.to(compute_dtype), w, quant_state=w.quant_state,
+                            bias=self.bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     # --- state_dict: bitsandbytes' layout ---------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
