@@ -40,7 +40,7 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 print(f"dequantize_4bit probe rc={r.returncode}", r.stdout.strip(), r.stderr.strip()[-400:])
 PY
   # groups in separate processes, so that a crash in one leaves the others' results
-  for group in "reference or batch or one_output or gemv or non_contiguous or empty" "forced or cpu_op or skinny_fp4 or wg_stream_k or wg_dp or wg_deep or wg_packed or wg_producer or skinny_rows or skinny_v2 or skinny_wide or skinny_l2 or wg_l2 or dispatch_skinny or wg_wide_table or wg_tile32" \
+  for group in "reference or batch or one_output or gemv or non_contiguous or empty or bias_in_any" "forced or cpu_op or skinny_fp4 or wg_stream_k or wg_dp or wg_deep or wg_packed or wg_producer or skinny_rows or skinny_v2 or skinny_wide or skinny_l2 or wg_l2 or dispatch_skinny or wg_wide_table or wg_tile32" \
                "bad_inputs or state_checks or bitsandbytes or wg_prew" "opcheck" "autograd"; do
     echo "=== -k '$group' ===" >> "$OUT/tests.log"
     timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_matmul.py -q -rs --maxfail=20 -p no:cacheprovider \

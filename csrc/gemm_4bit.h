@@ -15,7 +15,7 @@ namespace nf4kit {
 // with dequantize_4bit) plus the activations and bias.
 struct Gemm4bitArgs : Packed4bit {
   at::Tensor A2;                   // A as [M, K], contiguous, A's dtype
-  at::Tensor bias;                 // float32 [N], or undefined
+  at::Tensor bias;                 // [N] in any float dtype, contiguous, or undefined
   int64_t M = 0, N = 0, K = 0;
   std::vector<int64_t> out_shape;  // A's leading dimensions + [N]
 };
@@ -44,7 +44,7 @@ inline Gemm4bitArgs check_gemm_4bit_args(const at::Tensor& A, const at::Tensor& 
     check_float_input(*bias, "bias");
     check_device(*bias, A.device(), "bias");
     check_numel(*bias, N, "bias", "one per output feature");
-    a.bias = bias->reshape({-1}).to(at::kFloat).contiguous();
+    a.bias = bias->reshape({-1}).contiguous();  // (the CUDA kernels read T or float32: no cast kernel a call)
   }
   a.A2 = A.reshape({a.M, K}).contiguous();
   a.out_shape = std::vector<int64_t>(A.sizes().begin(), A.sizes().end());

@@ -229,6 +229,27 @@ def test_cuda_kernels_forced(path, dtype):
                 check_against_reference(A, B, qs, bias, f"{path} {dtype} M={M} N={N} K={K} bs={bs} {qt} n={nested}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_op_bias_in_any_float_dtype(device, dtype):
+    """The op takes the bias in any float dtype: the CUDA kernels read it in A's dtype or in float32 as
+    it comes (no cast kernel a call), another dtype is cast once. A bias exactly representable in all
+    three gives the same output bit for bit whatever its dtype, on every CUDA path (the epilogues of
+    the skinny, tensor-core, warpgroup and generic kernels, and dequantize + cuBLAS)."""
+    M, N, K = 5, 72, 512
+    B, qs = quantized(N, K, 64, "nf4", True, device, dtype, seed=3)
+    A = activations((M, K), dtype, device, seed=4)
+    exact = torch.randint(-32, 33, (N,), device=device).float() / 8  # k / 8: exact in fp16, bf16, fp32
+    args = (A, B.reshape(-1), *qs._decode_args(), N)
+    paths = ["skinny", "tc", "wg", "generic", "dequant"] if device == "cuda" else [None]
+    for path in paths:
+        with gemm_path(path):
+            want = ops.gemm_4bit(*args, exact.to(dtype))
+            for bias_dtype in (torch.float32, torch.float16, torch.bfloat16):
+                got = ops.gemm_4bit(*args, exact.to(bias_dtype))
+                assert torch.equal(got, want), f"{path} bias {bias_dtype}"
+            assert not torch.equal(ops.gemm_4bit(*args, None), want), path  # the bias is added at all
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_wg_stream_k(dtype):

@@ -612,8 +612,8 @@ __global__ void __launch_bounds__(256) gemm4_tc_kernel(const GemmParams p) {
         if (m >= M) continue;
         if (pairs && n + 1 < N) {
           if (p.bias != nullptr) {
-            v0 += p.bias[n];
-            v1 += p.bias[n + 1];
+            v0 += bias_at<T>(p, n);
+            v1 += bias_at<T>(p, n + 1);
           }
           *reinterpret_cast<uint32_t*>(out + m * N + n) = pack2<T>(v0, v1);
         } else {
@@ -780,7 +780,8 @@ GemmParams make_params(const Gemm4bitArgs& a, const at::Tensor& out, const at::T
   } else {
     p.absmax.absmax_f32 = a.absmax.data_ptr<float>();
   }
-  p.bias = a.bias.defined() ? a.bias.data_ptr<float>() : nullptr;
+  p.bias = a.bias.defined() ? a.bias.data_ptr() : nullptr;
+  p.bias_t = a.bias.defined() && a.bias.scalar_type() != at::kFloat;  // then A's dtype (gemm_4bit_cuda)
   p.out = out.data_ptr();
   p.M = a.M;
   p.N = a.N;
@@ -932,6 +933,9 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
 
   const at::ScalarType dtype = A.scalar_type();
   if (!aligned16(a.A2.data_ptr())) a.A2 = a.A2.clone();
+  // The kernels read the bias in A's dtype or in float32; another dtype is cast once here.
+  if (a.bias.defined() && a.bias.scalar_type() != dtype && a.bias.scalar_type() != at::kFloat)
+    a.bias = a.bias.to(at::kFloat);
   at::Tensor pk = a.packed;
   const bool half = dtype != at::kFloat;
   const bool pow2_nested = !a.nested || (a.nested_blocksize & (a.nested_blocksize - 1)) == 0;

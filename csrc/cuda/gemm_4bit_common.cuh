@@ -23,7 +23,8 @@ struct GemmParams {
   const uint8_t* A;        // [M, K] of T, contiguous, 16-byte aligned
   const uint8_t* packed;   // W: N*K nibbles, element 2i in the high nibble
   AbsmaxSource absmax;     // plain or nested
-  const float* bias;       // [N] float32, or null
+  const void* bias;        // [N] of T (bias_t) or float32, or null
+  int bias_t;
   void* out;               // [M, N] of T
   int64_t M, N, K;
   int bs_shift;            // log2(blocksize)
@@ -131,10 +132,17 @@ __device__ __forceinline__ uint32_t lane_table(const void* table, int lane) {
   return a;
 }
 
+// bias[n] as a float (the host passes it in the output dtype T or in float32, as the caller gave it)
+template <typename T>
+__device__ __forceinline__ float bias_at(const GemmParams& p, int64_t n) {
+  return p.bias_t ? DType<T>::to_float(static_cast<const typename DType<T>::cuda_t*>(p.bias)[n])
+                  : static_cast<const float*>(p.bias)[n];
+}
+
 template <typename T>
 __device__ __forceinline__ void store_out(const GemmParams& p, int64_t m, int64_t n, float v) {
   if (m < p.M && n < p.N) {
-    if (p.bias != nullptr) v += p.bias[n];
+    if (p.bias != nullptr) v += bias_at<T>(p, n);
     reinterpret_cast<typename DType<T>::cuda_t*>(p.out)[m * p.N + n] = DType<T>::from_float(v);
   }
 }
