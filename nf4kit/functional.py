@@ -599,12 +599,13 @@ def _matmul_state(qs: QuantState) -> tuple:
     """The op's arguments for a matmul with this state (_decode_args), after the state's own checks.
     A decode loop multiplies by the same states over and over, so they are kept on the state, for as
     long as its fields are the same objects (compared by identity: reassigning any field checks
-    again; the tensors' contents are the kernel's to read). What is kept holds the state's tensors, so
-    .to() drops it, and the old tensors (an offloaded layer's GPU absmax) are freed with the state's. With B passed to the op as it
-    is (no flattening: the op takes any shape), this took a call's host time on the H200's host from
-    35.0 / 26.5 / 29.9 to 27.5 / 22.0 / 24.6 us under no_grad / inference_mode / autograd on (4096x4096
-    batch 1, medians of 21 interleaved rounds, benchmarks/probes/host_ab.py; F.linear 18.0 / 18.3 /
-    21.4 us; benchmarks/results/h200/matmul.md, twenty-fifth session)."""
+    again; the tensors' contents are the kernel's to read). What is kept holds the state's tensors,
+    so .to() drops it: an offloaded layer's old GPU absmax is freed with the state's own reference.
+    With B passed to the op as it is (no flattening: the op takes any shape), this took a call's host
+    time on the H200's host from 35.0 / 26.5 / 29.9 to 27.5 / 22.0 / 24.6 us under no_grad /
+    inference_mode / autograd on (4096x4096 batch 1, medians of 21 interleaved rounds,
+    benchmarks/probes/host_ab.py; F.linear 18.0 / 18.3 / 21.4 us; benchmarks/results/h200/matmul.md,
+    twenty-fifth session)."""
     if not isinstance(qs, QuantState):
         raise TypeError(f"quant_state must be a nf4kit QuantState, got {type(qs).__name__}")
     fields = _state_fields(qs)
