@@ -348,7 +348,8 @@ def _check_state_fields(quant_state: "QuantState", name: str = "quant_state",
     absmax = quant_state.absmax
     _check_tensor(absmax, f"{name}.absmax")
     where, where_name = (packed, "A (packed weights)") if packed is not None else (absmax, f"{name}.absmax")
-    _same_device(where_name, where, f"{name}.absmax", absmax)
+    if packed is not None:
+        _same_device(where_name, where, f"{name}.absmax", absmax)
     if absmax.numel() != nblocks:
         raise ValueError(
             f"{name}.absmax has {absmax.numel()} values, expected {nblocks} (one per block of "
@@ -581,8 +582,8 @@ def dequantize_blockwise(
 _BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
-def _through_autograd(A: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    return (_BelowAutograd is None or torch.compiler.is_compiling() or
+def _through_autograd(A: torch.Tensor, bias: Optional[torch.Tensor], compiling: bool) -> bool:
+    return (_BelowAutograd is None or compiling or
             (torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))))
 
 
@@ -662,23 +663,24 @@ def matmul_4bit(
     """out = A @ W.t() (+ bias) with W the 4-bit weight (B is its packed tensor, in either
     orientation, as bitsandbytes passes ``weight.t()``). Differentiable in A and bias."""
     require_ops()
-    if type(B) is not torch.Tensor and isinstance(B, torch.Tensor) and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if type(B) is not torch.Tensor and isinstance(B, torch.Tensor) and not compiling:
         # B is a Params4bit (Linear4bit passes its weight as it is): its Python __torch_function__
         # would run for every read of B below and for the op, a few us each, for nothing (it only
         # keeps casts and splits of the weight quantized). A Linear4bit forward without bias on the
         # H200's host: 82.4 -> 23.4 us, nn.Linear 29.4 / 20.6 (probes/host_layer.py, run 8).
         with _NoTorchFunction():
-            return _matmul_4bit(A, B, quant_state, out, bias)
-    return _matmul_4bit(A, B, quant_state, out, bias)
+            return _matmul_4bit(A, B, quant_state, out, bias, compiling)
+    return _matmul_4bit(A, B, quant_state, out, bias, compiling)
 
 
-def _matmul_4bit(A, B, quant_state, out, bias):
+def _matmul_4bit(A, B, quant_state, out, bias, compiling: bool):
     absmax, nested_absmax, nested_code, offset, bs, nbs, qt = _check_matmul(A, B, quant_state, bias)
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     # B goes as it is: the op takes the packed bytes in any shape and storage dtype.
     args = (A, B, absmax, nested_absmax, nested_code, offset, bs, nbs, qt, quant_state.shape[0], bias)
-    if _through_autograd(A, bias):
+    if _through_autograd(A, bias, compiling):
         result = ops.gemm_4bit(*args)
     else:
         with _BelowAutograd():

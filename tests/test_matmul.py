@@ -232,7 +232,7 @@ def test_cuda_kernels_forced(path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_op_bias_in_any_float_dtype(device, dtype):
     """The op takes the bias in any float dtype: the CUDA kernels read it in A's dtype or in float32 as
-    it comes (no cast kernel a call), another dtype is cast once. A bias exactly representable in all
+    it comes (no cast kernel a call), another dtype is cast by the host function. A bias exactly representable in all
     three gives the same output bit for bit whatever its dtype, on every CUDA path (the epilogues of
     the skinny, tensor-core, warpgroup and generic kernels, and dequantize + cuBLAS)."""
     M, N, K = 5, 72, 512

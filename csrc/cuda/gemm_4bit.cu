@@ -933,7 +933,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
 
   const at::ScalarType dtype = A.scalar_type();
   if (!aligned16(a.A2.data_ptr())) a.A2 = a.A2.clone();
-  // The kernels read the bias in A's dtype or in float32; another dtype is cast once here.
+  // The kernels read the bias in A's dtype or in float32; another dtype is cast here (a cast each call).
   if (a.bias.defined() && a.bias.scalar_type() != dtype && a.bias.scalar_type() != at::kFloat)
     a.bias = a.bias.to(at::kFloat);
   at::Tensor pk = a.packed;
