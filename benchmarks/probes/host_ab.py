@@ -47,7 +47,8 @@ def main():
     cands = {"cublas": lambda: TF.linear(A, W), "old": lambda: old.matmul_4bit(A, Bq.t(), qs_old),
              "new": lambda: F.matmul_4bit(A, Bq.t(), qs_new)}
     assert torch.equal(cands["old"](), cands["new"]()), "old and new differ"
-    interleaved(cands, [(g, modes[g]) for g in env_list("GRADS", "no_grad,inference")], rounds, calls)
+    interleaved(cands, [(m, modes[m]) for m in env_list("GRADS", "no_grad,inference")], rounds, calls)
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Probe (device): host time per forward call of one Linear4bit layer (NF4, nested, compute dtype fp16)
 against torch.nn.Linear in fp16, without a bias, with an fp16 bias and with an fp32 one (a bias the
-layer's dtype left at float32: cast every call), in the nf4kit found on the path, ROUNDS (15) interleaved rounds of
-CALLS (300) calls queued behind a GPU sleep (host_time.host_us), under torch.inference_mode, torch.no_grad
+layer's dtype left at float32: cast every call), in the nf4kit found on the path, ROUNDS (15)
+interleaved rounds of CALLS (300) calls queued behind a GPU sleep (host_time.host_us), under torch.inference_mode, torch.no_grad
 and autograd on (nothing requiring grad: a frozen layer); LAYER (4096x4096), batch 1. Run it in two
 trees, alternating, to compare two versions of the Python code. Median (min) microseconds per call."""
 import contextlib
@@ -40,6 +40,7 @@ def main():
           f"{K}x{N} batch 1 fp16, {rounds} x {calls} calls; us per call, median (min)")
     modes = (("inference", torch.inference_mode), ("no_grad", torch.no_grad), ("on", contextlib.nullcontext))
     interleaved(cands, modes, rounds, calls)
+
 
 if __name__ == "__main__":
     main()

@@ -49,5 +49,6 @@ def main():
           f"{rounds} rounds x {calls} calls; us per call, median (min)")
     interleaved(cands, (("inference", torch.inference_mode), ("no_grad", torch.no_grad)), rounds, calls)
 
+
 if __name__ == "__main__":
     main()
