@@ -361,9 +361,14 @@ def sanitize():
             Bq, qs = F.quantize_4bit(W, blocksize=bs, quant_type=qt, compress_statistics=nested)
             Bq, qs = Bq.cuda(), qs.to("cuda")
             A = torch.randn(M, K, device="cuda", dtype=dtype)
-            bias = torch.randn(N, device="cuda", dtype=dtype)
+            # the fp16 case goes through matmul_4bit (bias in A's dtype), the bf16 one calls the op with
+            # a float32 bias, which the CUDA epilogues read as it comes (GemmParams.bias_t)
+            bias = torch.randn(N, device="cuda", dtype=dtype if nested else torch.float32)
             with env(**variables):
-                out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
+                if nested:
+                    out = F.matmul_4bit(A, Bq.t(), qs, bias=bias)
+                else:
+                    out = torch.ops.nf4kit.gemm_4bit(A, Bq, *qs._decode_args(), N, bias)
             torch.cuda.synchronize()
             Wd = dequantize(Bq, qs).double()
             ref = A.double() @ Wd.t() + bias.double()
